@@ -1,0 +1,54 @@
+"""Typed exceptions the stage runtime understands."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+Reason = Literal[
+    "malformed",
+    "unknown_model",
+    "signature_mismatch",
+    "non_finite",
+    "out_of_range",
+    "expired",
+    "inference_error",
+    "stage_error",
+]
+
+REASONS: Final[tuple[Reason, ...]] = (
+    "malformed",
+    "unknown_model",
+    "signature_mismatch",
+    "non_finite",
+    "out_of_range",
+    "expired",
+    "inference_error",
+    "stage_error",
+)
+
+
+class InvalidRecord(Exception):
+    """This record cannot be processed: it goes to the DLQ with ``reason`` and ``detail``.
+
+    ``reason`` is a stable machine-readable code (the ``dlq.reason`` header); ``detail`` is
+    the human explanation (the ``dlq.error`` header).
+    """
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: Reason = reason
+        self.detail = detail
+
+
+class SinkUnavailable(Exception):
+    """A downstream system (Redis, ...) is failing transiently: nothing in the batch is
+    wrong, so the runtime rewinds and retries the whole batch after ``retry_after_s``.
+    Never a reason to dead-letter."""
+
+    def __init__(self, detail: str, *, retry_after_s: float = 0.5) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class DeliveryFailed(Exception):
+    """Kafka did not acknowledge every output of a batch; its offsets were not committed."""

@@ -1,0 +1,142 @@
+"""The ``streaminfer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from streaminfer.settings import Settings
+from streaminfer.wiring import STAGE_NAMES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streaminfer", description="Kafka-backed streaming inference pipeline."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the local stack (Kafka, Redis, topics, stages)")
+    up.add_argument("--workers", type=int, default=1, help="members per stage (default 1)")
+    up.add_argument("--wait", action="store_true", help="wait until every stage has joined")
+    sub.add_parser("down", help="stop the local stack")
+    sub.add_parser("status", help="what is running")
+
+    topics = sub.add_parser("topics", help="manage topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    create = topics_sub.add_parser("create", help="create the pipeline's topics (idempotent)")
+    create.add_argument("--partitions", type=int, default=None)
+
+    stage = sub.add_parser("stage", help="run one stage as N consumer-group members")
+    stage.add_argument("name", choices=STAGE_NAMES)
+    stage.add_argument("--workers", type=int, default=1, help="member processes (default 1)")
+
+    demo = sub.add_parser("demo", help="run the digits demo end to end and print a summary")
+    demo.add_argument("--repeat", type=int, default=20, help="times to send the held-out set")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for results")
+    demo.add_argument("--keep-up", action="store_true", help="leave the stack running")
+
+    schemas = sub.add_parser("schemas", help="message contracts")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
+    schemas_sub.add_parser("export", help="write schemas/jsonschema/*.json from the Structs")
+
+    models = sub.add_parser("models", help="model repository")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="models, versions and input signatures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = Settings()
+    handler = _HANDLERS[args.command]
+    return handler(settings, args)
+
+
+def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer import stack
+
+    stack.up(settings, workers=args.workers)
+    if args.wait:
+        stack.wait_for_stages(settings)
+        print("every stage joined its group")
+    return 0
+
+
+def _cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
+    from streaminfer import stack
+
+    stack.down(settings)
+    return 0
+
+
+def _cmd_status(settings: Settings, _args: argparse.Namespace) -> int:
+    from streaminfer import stack
+
+    for line in stack.status(settings):
+        print(line)
+    return 0
+
+
+def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.kafka import create_topics
+
+    for topic, outcome in create_topics(settings, partitions=args.partitions).items():
+        print(f"{topic}: {outcome}")
+    return 0
+
+
+def _cmd_stage(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.workers import run_stage
+
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    return run_stage(settings, args.name, args.workers)
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.demo import run_demo
+
+    report = run_demo(
+        settings, repeat=args.repeat, timeout_s=args.timeout, keep_up=args.keep_up, echo=print
+    )
+    print("\n".join(["", "streaminfer demo: digits", *report.lines()]))
+    return 0 if report.stored == report.sent else 1
+
+
+def _cmd_schemas(_settings: Settings, _args: argparse.Namespace) -> int:
+    from schemas import jsonschema
+
+    for path in jsonschema.write():
+        print(path)
+    return 0
+
+
+def _cmd_models(settings: Settings, _args: argparse.Namespace) -> int:
+    from streaminfer.wiring import model_registry
+
+    registry = model_registry(settings)
+    for name in registry.names():
+        spec = registry.spec(name)
+        inputs = ", ".join(f"{i.name}: {i.dtype}{list(i.shape)}" for i in spec.inputs)
+        versions = ", ".join(sorted(spec.versions))
+        print(f"{name}  versions [{versions}] default {spec.default_version}  inputs {inputs}")
+    return 0
+
+
+_HANDLERS = {
+    "up": _cmd_up,
+    "down": _cmd_down,
+    "status": _cmd_status,
+    "topics": _cmd_topics,
+    "stage": _cmd_stage,
+    "demo": _cmd_demo,
+    "schemas": _cmd_schemas,
+    "models": _cmd_models,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

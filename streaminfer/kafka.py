@@ -1,0 +1,86 @@
+"""Kafka client factory: every librdkafka config in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from streaminfer.settings import Settings
+
+
+def _base(settings: Settings) -> dict[str, Any]:
+    return {"bootstrap.servers": settings.kafka_bootstrap_servers}
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Idempotent producer, acks=all: a delivery report means the broker holds the record."""
+    return {
+        **_base(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": settings.linger_ms,
+        "compression.type": "lz4",
+        "delivery.timeout.ms": int(settings.delivery_timeout_s * 1000),
+        **settings.kafka_extra,
+        **overrides,
+    }
+
+
+def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """Manual commits, cooperative-sticky assignment, read_committed."""
+    return {
+        **_base(settings),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+        **settings.kafka_extra,
+        **overrides,
+    }
+
+
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
+    return Producer(producer_config(settings, **overrides))
+
+
+def make_consumer(settings: Settings, *, group_id: str, **overrides: Any) -> Consumer:
+    return Consumer(consumer_config(settings, group_id=group_id, **overrides))
+
+
+def make_admin(settings: Settings) -> AdminClient:
+    return AdminClient({**_base(settings), **settings.kafka_extra})
+
+
+def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[str, str]:
+    """Create the pipeline's topics; existing ones are left alone. Returns topic -> outcome."""
+    admin = make_admin(settings)
+    count = partitions or settings.topic_partitions
+    wanted = [
+        NewTopic(name, num_partitions=count, replication_factor=settings.topic_replication_factor)
+        for name in settings.topics.all()
+    ]
+    outcome: dict[str, str] = {}
+    for name, future in admin.create_topics(wanted, operation_timeout=30).items():
+        try:
+            future.result(timeout=60)
+            outcome[name] = "created"
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            outcome[name] = "exists"
+    return outcome
+
+
+def partition_count(settings: Settings, topic: str) -> int:
+    """Partitions of ``topic`` (0 when it does not exist)."""
+    metadata = make_admin(settings).list_topics(topic=topic, timeout=10)
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        return 0
+    return len(found.partitions)

@@ -1,0 +1,211 @@
+"""The local stack: Kafka and Redis (via ``ops/`` scripts), topics, and the three stages.
+
+``up`` is idempotent: it starts whatever is not running and leaves the rest alone. Kafka is
+not started when ``KAFKA_BOOTSTRAP_SERVERS`` is set, nor Redis when ``REDIS_URL`` is: those
+point at servers someone else runs. Stage processes run detached; their pid files and logs
+live in ``settings.run_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient
+
+from streaminfer.kafka import create_topics, make_admin
+from streaminfer.settings import REPO_ROOT, Settings
+from streaminfer.wiring import STAGE_NAMES, StageName, input_topics
+
+OPS = REPO_ROOT / "ops"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """An external service started by an ops script (``start``/``stop``/``status``)."""
+
+    name: str
+    script: Path
+    env_override: str
+
+    def managed(self) -> bool:
+        """False when the user points us at a server of their own."""
+        return not os.environ.get(self.env_override)
+
+    def running(self, settings: Settings) -> bool:
+        result = subprocess.run(
+            ["bash", str(self.script), "status"], env=_ops_env(settings), capture_output=True
+        )
+        return result.returncode == 0
+
+    def start(self, settings: Settings) -> None:
+        subprocess.run(["bash", str(self.script), "start"], env=_ops_env(settings), check=True)
+
+    def stop(self, settings: Settings) -> None:
+        subprocess.run(["bash", str(self.script), "stop"], env=_ops_env(settings), check=True)
+
+
+KAFKA = Service("kafka", OPS / "kafka" / "kafka.sh", "KAFKA_BOOTSTRAP_SERVERS")
+REDIS = Service("redis", OPS / "redis" / "redis.sh", "REDIS_URL")
+SERVICES = (KAFKA, REDIS)
+
+
+def _ops_env(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "STREAMINFER_HOME": str(settings.home), "PYTHON": sys.executable}
+
+
+def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = print) -> list[str]:
+    """Start whatever is not running; returns the names of what this call started."""
+    started: list[str] = []
+    for service in SERVICES:
+        if not service.managed():
+            echo(f"{service.name}: using {os.environ[service.env_override]} (not started here)")
+        elif not service.running(settings):
+            service.start(settings)
+            started.append(service.name)
+        else:
+            echo(f"{service.name}: already running")
+    for topic, outcome in create_topics(settings).items():
+        if outcome == "created":
+            echo(f"topic {topic}: created")
+    for name in STAGE_NAMES:
+        if _stage_pid(settings, name) is None:
+            _spawn_stage(settings, name, workers)
+            started.append(name)
+            echo(f"stage {name}: started (log {_log_file(settings, name)})")
+        else:
+            echo(f"stage {name}: already running")
+    return started
+
+
+def down(
+    settings: Settings,
+    *,
+    only: Iterable[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Stop the stages (drain first), then Redis and Kafka; ``only`` limits what is stopped."""
+    wanted = set(only) if only is not None else {*STAGE_NAMES, *(s.name for s in SERVICES)}
+    for name in STAGE_NAMES:
+        if name in wanted:
+            _stop_stage(settings, name, echo)
+    for service in reversed(SERVICES):
+        if service.name in wanted and service.managed():
+            service.stop(settings)
+
+
+def wait_for_stages(settings: Settings, *, timeout_s: float = 60.0) -> None:
+    """Block until every stage's group is stable with all input partitions assigned."""
+    admin = make_admin(settings)
+    deadline = time.monotonic() + timeout_s
+    pending: list[StageName] = list(STAGE_NAMES)
+    while pending:
+        name = pending[0]
+        if _group_ready(admin, settings, name):
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            log = _log_file(settings, name)
+            raise TimeoutError(f"stage {name} did not join its group in {timeout_s}s; see {log}")
+        time.sleep(0.2)
+
+
+def _group_ready(admin: AdminClient, settings: Settings, name: StageName) -> bool:
+    group = settings.group_id(name)
+    try:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    except Exception:
+        return False
+    if description.state != ConsumerGroupState.STABLE:
+        return False
+    assigned = sum(len(m.assignment.topic_partitions) for m in description.members)
+    metadata = admin.list_topics(timeout=10)
+    expected = sum(
+        len(metadata.topics[t].partitions)
+        for t in input_topics(settings, name)
+        if t in metadata.topics
+    )
+    return assigned >= expected > 0
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.run_dir / f"{name}.pid"
+
+
+def _log_file(settings: Settings, name: str) -> Path:
+    return settings.run_dir / f"{name}.log"
+
+
+def _stage_pid(settings: Settings, name: str) -> int | None:
+    """The pid of the running stage supervisor, or None (stale pid files are removed)."""
+    path = _pid_file(settings, name)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def _spawn_stage(settings: Settings, name: str, workers: int) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with _log_file(settings, name).open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streaminfer.cli", "stage", name, "--workers", str(workers)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the terminal that ran `up`
+            cwd=REPO_ROOT,
+        )
+    _pid_file(settings, name).write_text(f"{proc.pid}\n")
+
+
+def _stop_stage(settings: Settings, name: str, echo: Callable[[str], None]) -> None:
+    pid = _stage_pid(settings, name)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        _reap(pid)
+        time.sleep(0.1)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+        echo(f"stage {name}: did not drain in 30s, killed")
+    _pid_file(settings, name).unlink(missing_ok=True)
+    echo(f"stage {name}: stopped")
+
+
+def _reap(pid: int) -> None:
+    """Collect our own child's exit status so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def status(settings: Settings) -> list[str]:
+    """One line per component: running or stopped."""
+    lines = []
+    for service in SERVICES:
+        if not service.managed():
+            lines.append(f"{service.name}: external ({os.environ[service.env_override]})")
+        else:
+            state = "running" if service.running(settings) else "stopped"
+            lines.append(f"{service.name}: {state}")
+    for name in STAGE_NAMES:
+        pid = _stage_pid(settings, name)
+        lines.append(f"stage {name}: " + (f"running (pid {pid})" if pid else "stopped"))
+    return lines

@@ -1,0 +1,81 @@
+"""Builds a stage and its runner from :class:`Settings` (the only place that does)."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import redis
+from prometheus_client import CollectorRegistry, start_http_server
+
+from sinks.redis_store import ResultStore
+from stages.infer import InferStage
+from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
+from stages.models import ModelRegistry, SessionOptions
+from stages.persist import PersistStage
+from stages.runtime import AtLeastOnceCommitter, Stage, StageRunner
+from stages.validate import ValidateStage
+from streaminfer.kafka import make_consumer, make_producer
+from streaminfer.settings import Settings
+
+StageName = Literal["validate", "infer", "persist"]
+STAGE_NAMES: Final[tuple[StageName, ...]] = ("validate", "infer", "persist")
+
+
+def input_topics(settings: Settings, name: StageName) -> list[str]:
+    topics = settings.topics
+    return {
+        "validate": [topics.requests, topics.requests_backfill],
+        "infer": [topics.validated],
+        "persist": [topics.results],
+    }[name]
+
+
+def model_registry(settings: Settings) -> ModelRegistry:
+    options = SessionOptions(
+        intra_op_threads=settings.onnx_intra_op_threads,
+        allow_spinning=settings.onnx_allow_spinning,
+    )
+    return ModelRegistry(root=settings.models_dir, session_options=options)
+
+
+def result_store(settings: Settings) -> ResultStore:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    return ResultStore(client=client, ttl_s=settings.result_ttl_s, prefix=settings.topic_prefix)
+
+
+def build_stage(settings: Settings, name: StageName, metrics: StageMetrics) -> Stage:
+    topics = settings.topics
+    if name == "validate":
+        return ValidateStage(registry=model_registry(settings), output_topic=topics.validated)
+    if name == "infer":
+        return InferStage(registry=model_registry(settings), output_topic=topics.results)
+    return PersistStage(store=result_store(settings), output_topic=topics.stored, metrics=metrics)
+
+
+def stage_metrics(settings: Settings, name: StageName, slot: int) -> StageMetrics:
+    """Prometheus metrics served on ``metrics_port + slot`` when a port is set."""
+    if settings.metrics_port is None:
+        return NullMetrics()
+    registry = CollectorRegistry()
+    start_http_server(settings.metrics_port + slot, addr="127.0.0.1", registry=registry)
+    return PrometheusStageMetrics(stage=name, registry=registry)
+
+
+def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> StageRunner:
+    """One consumer-group member of stage ``name``: its consumer, producer and stage."""
+    metrics = stage_metrics(settings, name, slot)
+    consumer = make_consumer(settings, group_id=settings.group_id(name))
+    producer = make_producer(settings)
+    committer = AtLeastOnceCommitter(
+        producer=producer, consumer=consumer, delivery_timeout_s=settings.delivery_timeout_s
+    )
+    return StageRunner(
+        stage=build_stage(settings, name, metrics),
+        consumer=consumer,
+        committer=committer,
+        input_topics=input_topics(settings, name),
+        dlq_topic=settings.topics.dlq,
+        batch_size=settings.batch_size,
+        batch_timeout_s=settings.batch_timeout_s,
+        metrics=metrics,
+    )
