@@ -109,7 +109,7 @@ def wait_for_stages(settings: Settings, *, timeout_s: float = 60.0) -> None:
     pending: list[StageName] = list(STAGE_NAMES)
     while pending:
         name = pending[0]
-        if _group_ready(admin, settings, name):
+        if group_ready(admin, settings, name):
             pending.pop(0)
             continue
         if time.monotonic() > deadline:
@@ -118,7 +118,7 @@ def wait_for_stages(settings: Settings, *, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def _group_ready(admin: AdminClient, settings: Settings, name: StageName) -> bool:
+def group_ready(admin: AdminClient, settings: Settings, name: StageName) -> bool:
     group = settings.group_id(name)
     try:
         description = admin.describe_consumer_groups([group])[group].result(timeout=10)

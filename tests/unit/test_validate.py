@@ -1,0 +1,112 @@
+import math
+
+import numpy as np
+import pytest
+
+from schemas import Codec, ValidatedRequestV1, tensor_from_array
+from stages.models import ModelRegistry
+from stages.validate import ValidateStage
+from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout, record
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def stage() -> ValidateStage:
+    return ValidateStage(
+        registry=ModelRegistry(root=MODELS), output_topic="validated", clock=lambda: NOW
+    )
+
+
+def _row() -> np.ndarray:
+    return holdout()[0][0]
+
+
+def test_good_request_is_validated_with_version_resolved(stage: ValidateStage) -> None:
+    request = digits_request(_row(), created_at=NOW - 1)
+    outcome = stage.process([record(REQUESTS.encode(request))])
+    assert outcome.rejected == []
+    [output] = outcome.outputs
+    assert output.topic == "validated"
+    validated = Codec(ValidatedRequestV1).decode(output.value)
+    assert validated.model_version == "1"
+    assert validated.validated_at == NOW
+    assert validated.inputs == request.inputs
+    headers = dict(output.headers)
+    assert headers["schema"] == b"inference.validated/1"
+
+
+def _bad(**fields: object) -> bytes:
+    return REQUESTS.encode(digits_request(_row(), **fields))
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "detail"),
+    [
+        (b"\x00garbage", "malformed", "not a valid inference.request/1"),
+        (encode_raw({"id": "x", "model": "digits"}), "malformed", "`inputs`"),
+        (_bad(model="nope"), "unknown_model", "unknown model 'nope' (known: digits)"),
+        (_bad(model_version="9"), "unknown_model", "no version '9'"),
+        (_bad(deadline=NOW - 2), "expired", "deadline passed 2.000s"),
+        (
+            _bad(inputs={"pixels": tensor_from_array(_row())}),
+            "signature_mismatch",
+            "missing ['input'], unexpected ['pixels']",
+        ),
+        (
+            _bad(inputs={"input": tensor_from_array(_row().astype(np.float64))}),
+            "signature_mismatch",
+            "must be float32, got float64",
+        ),
+        (
+            _bad(inputs={"input": tensor_from_array(np.zeros((8, 8), np.float32))}),
+            "signature_mismatch",
+            "must have shape [64], got [8, 8]",
+        ),
+        (
+            _bad(inputs={"input": tensor_from_array(np.full(64, math.nan, np.float32))}),
+            "non_finite",
+            "NaN or infinity",
+        ),
+        (
+            _bad(inputs={"input": tensor_from_array(np.full(64, 99, np.float32))}),
+            "out_of_range",
+            "above the maximum 16.0",
+        ),
+        (
+            encode_raw(
+                {
+                    "id": "x",
+                    "model": "digits",
+                    "created_at": 1.0,
+                    "inputs": {"input": {"dtype": "float32", "shape": [64], "data": b"12"}},
+                }
+            ),
+            "malformed",
+            "data has 2 bytes",
+        ),
+    ],
+)
+def test_bad_requests_are_rejected_with_a_reason(
+    stage: ValidateStage, value: bytes, reason: str, detail: str
+) -> None:
+    outcome = stage.process([record(value)])
+    assert outcome.outputs == []
+    [rejection] = outcome.rejected
+    assert rejection.reason == reason
+    assert detail in rejection.detail
+    assert rejection.record.value == value
+
+
+def test_bad_records_do_not_affect_the_good_ones(stage: ValidateStage) -> None:
+    good = [REQUESTS.encode(digits_request(x)) for x in holdout()[0][:5]]
+    batch = [record(v, offset=i * 2) for i, v in enumerate(good)]
+    batch += [record(b"junk", offset=i * 2 + 1) for i in range(5)]
+    outcome = stage.process(batch)
+    assert len(outcome.outputs) == 5
+    assert sorted(r.record.offset for r in outcome.rejected) == [1, 3, 5, 7, 9]
+
+
+def test_deadline_in_the_future_passes(stage: ValidateStage) -> None:
+    outcome = stage.process([record(_bad(deadline=NOW + 5))])
+    assert len(outcome.outputs) == 1
