@@ -6,6 +6,7 @@ librdkafka pass-through (``STREAMINFER_KAFKA_EXTRA``, JSON), merged last.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,8 @@ class Settings(BaseSettings):
     )
 
     kafka_bootstrap_servers: str = Field(
-        default="127.0.0.1:9092",
+        # The local broker's port follows the ops script's setting.
+        default_factory=lambda: f"127.0.0.1:{os.environ.get('STREAMINFER_KAFKA_PORT', '9092')}",
         validation_alias=AliasChoices(
             "KAFKA_BOOTSTRAP_SERVERS", "STREAMINFER_KAFKA_BOOTSTRAP_SERVERS"
         ),
@@ -34,7 +36,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="librdkafka properties merged into every client"
     )
     redis_url: SecretStr = Field(
-        default=SecretStr("redis://127.0.0.1:6379/0"),
+        default_factory=lambda: SecretStr(
+            f"redis://127.0.0.1:{os.environ.get('STREAMINFER_REDIS_PORT', '6379')}/0"
+        ),
         validation_alias=AliasChoices("REDIS_URL", "STREAMINFER_REDIS_URL"),
     )
 
