@@ -52,3 +52,13 @@ class SinkUnavailable(Exception):
 
 class DeliveryFailed(Exception):
     """Kafka did not acknowledge every output of a batch; its offsets were not committed."""
+
+
+class TransactionAborted(Exception):
+    """The open Kafka transaction was aborted (outputs and offsets discarded together): the
+    runtime rewinds its partitions to the committed offsets and reprocesses."""
+
+
+class DlqLimitExceeded(Exception):
+    """Too many records are failing in this stage: it stops rather than flush the stream into
+    the DLQ (a broken model must not eat the input). Nothing of the batch was committed."""

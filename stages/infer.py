@@ -48,6 +48,7 @@ class InferStage:
 
     def process(self, batch: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome.empty()
+        now = self._clock()
         groups: dict[tuple[str, str], list[tuple[Record, ValidatedRequestV1]]] = defaultdict(list)
         for record in batch:
             try:
@@ -55,6 +56,11 @@ class InferStage:
             except DecodeError as exc:
                 detail = f"not a valid inference.validated/1: {exc}"
                 outcome.rejected.append(Rejection(record, "malformed", detail))
+                continue
+            if request.deadline is not None and request.deadline < now:
+                late = now - request.deadline
+                detail = f"deadline passed {late:.3f}s before inference"
+                outcome.rejected.append(Rejection(record, "expired", detail))
                 continue
             groups[(request.model, request.model_version)].append((record, request))
         for (model, version), members in groups.items():

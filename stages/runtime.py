@@ -6,26 +6,25 @@ A :class:`Stage` turns a batch of consumed :class:`Record` s into a :class:`Batc
 outputs to produce and rejections to dead-letter. It sees the whole batch at once so it can
 vectorise (the infer stage runs one ``session.run`` per model per batch). It signals:
 
-* a bad record by listing it in ``rejected`` (or, from per-record code, by raising
+* a bad record by listing it in ``rejected`` (per-record code raises
   :class:`InvalidRecord`, which the stage catches);
-* a transient downstream failure by raising :class:`SinkUnavailable`: the runtime rewinds
-  the batch and retries it later, dead-lettering nothing.
+* a transient downstream failure by raising :class:`SinkUnavailable`: the runtime pauses
+  its partitions, keeps polling (so it stays in the group), and replays the batch after an
+  exponential back-off; nothing is dead-lettered.
 
 Any other exception from ``process`` is a bug or a poison record the stage did not foresee.
 The runtime then replays the batch one record at a time, so the record that raises is
-dead-lettered (reason ``stage_error``) and every other record still flows.
+dead-lettered (reason ``stage_error``) and every other record still flows. A
+:class:`DlqBudget` stops the stage when too many records fail that way.
 
 Guarantee
 ---------
-A :class:`Committer` publishes the outputs and commits the batch's offsets. The one here,
-:class:`AtLeastOnceCommitter`, produces everything, waits for every delivery report, and only
-then commits offsets synchronously: a crash in between replays the batch (at-least-once).
-A transactional committer (exactly-once) fits the same seam.
-
-Offsets are committed after every batch, before the next ``consume``; rebalance callbacks
-only run inside ``consume``, so a revoked partition never has uncommitted work in hand.
-Shutdown (``stop`` set, e.g. by SIGTERM) finishes the batch in hand, commits, and closes
-the consumer, which leaves the group at once.
+A :class:`~stages.committers.Committer` publishes outputs and commits offsets:
+at-least-once (produce, wait for acks, commit) or exactly-once (Kafka transactions).
+Rebalance callbacks only run inside ``consume``, and the batch in hand is always published
+before the next ``consume``; on revoke the committer commits what is pending, on lost it
+aborts it. Shutdown (``stop`` set, e.g. by SIGTERM) finishes the batch in hand, commits and
+closes the consumer, which leaves the group at once.
 """
 
 from __future__ import annotations
@@ -33,18 +32,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
-from schemas import Headers
-from stages.errors import DeliveryFailed, SinkUnavailable
+from stages.committers import Committer
+from stages.dlq import DlqBudget, dlq_output
+from stages.errors import DeliveryFailed, SinkUnavailable, TransactionAborted
 from stages.metrics import NullMetrics, StageMetrics
-from stages.records import BatchOutcome, HeaderList, Output, Record, Rejection
+from stages.records import BatchOutcome, Record, Rejection
 
 log = logging.getLogger(__name__)
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
 class Stage(Protocol):
@@ -56,17 +61,6 @@ class Stage(Protocol):
     def process(self, batch: Sequence[Record]) -> BatchOutcome:
         """Transform ``batch`` (never empty). See the module docstring for the contract."""
         ...
-
-
-class Committer(Protocol):
-    """Publishes a batch's outputs and commits its offsets, as one step of the guarantee."""
-
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
-        """Raises :class:`DeliveryFailed` when outputs were not all acknowledged (then the
-        offsets are not committed)."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def to_record(message: Message) -> Record:
@@ -87,21 +81,6 @@ def _header_bytes(value: str | bytes | None) -> bytes:
     if value is None:
         return b""
     return value.encode() if isinstance(value, str) else value
-
-
-def dlq_output(rejection: Rejection, *, stage: str, dlq_topic: str) -> Output:
-    """The rejected record's original key, value and headers, plus the ``dlq.*`` headers."""
-    record = rejection.record
-    headers: HeaderList = [
-        *record.headers,
-        (Headers.DLQ_STAGE, stage.encode()),
-        (Headers.DLQ_REASON, rejection.reason.encode()),
-        (Headers.DLQ_ERROR, rejection.detail[:4000].encode()),
-        (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
-        (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
-        (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
-    ]
-    return Output(topic=dlq_topic, key=record.key, value=record.value, headers=headers)
 
 
 def next_offsets(batch: Sequence[Record]) -> list[TopicPartition]:
@@ -143,51 +122,20 @@ def process_isolating(stage: Stage, batch: Sequence[Record]) -> BatchOutcome:
     return outcome
 
 
-class AtLeastOnceCommitter:
-    """Produce, wait for every delivery report, then commit offsets synchronously."""
+class Backoff:
+    """Exponential back-off between ``initial_s`` and ``max_s``; reset on success."""
 
-    def __init__(
-        self, *, producer: Producer, consumer: Consumer, delivery_timeout_s: float
-    ) -> None:
-        self._producer = producer
-        self._consumer = consumer
-        self._delivery_timeout_s = delivery_timeout_s
+    def __init__(self, *, initial_s: float = 0.1, max_s: float = 5.0) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self.current_s = 0.0
 
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
-        failures: list[str] = []
+    def next(self, at_least_s: float = 0.0) -> float:
+        self.current_s = min(max(self.current_s * 2, self._initial_s, at_least_s), self._max_s)
+        return self.current_s
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(str(err))
-
-        for output in outputs:
-            self._produce(output, on_delivery)
-        remaining = self._producer.flush(self._delivery_timeout_s)
-        if remaining or failures:
-            detail = failures[0] if failures else f"{remaining} records not acknowledged"
-            raise DeliveryFailed(f"{len(failures) + remaining} outputs not delivered: {detail}")
-        if offsets:
-            self._consumer.commit(offsets=list(offsets), asynchronous=False)
-
-    def _produce(
-        self, output: Output, on_delivery: Callable[[KafkaError | None, Message], None]
-    ) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    output.topic,
-                    value=output.value,
-                    key=output.key,
-                    headers=list(output.headers),
-                    on_delivery=on_delivery,
-                )
-                return
-            except BufferError:
-                # Local queue full: serve delivery reports to make room, then try again.
-                self._producer.poll(0.05)
-
-    def close(self) -> None:
-        self._producer.flush(self._delivery_timeout_s)
+    def reset(self) -> None:
+        self.current_s = 0.0
 
 
 class StageRunner:
@@ -203,8 +151,9 @@ class StageRunner:
         dlq_topic: str,
         batch_size: int,
         batch_timeout_s: float,
+        dlq_budget: DlqBudget | None = None,
         metrics: StageMetrics | None = None,
-        max_retry_backoff_s: float = 5.0,
+        backoff: Backoff | None = None,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -213,9 +162,11 @@ class StageRunner:
         self._dlq_topic = dlq_topic
         self._batch_size = batch_size
         self._batch_timeout_s = batch_timeout_s
+        self._budget = dlq_budget
         self._metrics: StageMetrics = metrics or NullMetrics()
-        self._max_backoff_s = max_retry_backoff_s
-        self._backoff_s = 0.0
+        self._backoff = backoff or Backoff()
+        self._paused_until: float | None = None
+        self._rewind_needed = False
         self.assigned: set[tuple[str, int]] = set()
 
     def run(self, stop: threading.Event) -> None:
@@ -224,7 +175,7 @@ class StageRunner:
             self._input_topics,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_lost=self._on_lost,
         )
         log.info("%s: consuming %s", self._stage.name, ", ".join(self._input_topics))
         try:
@@ -236,46 +187,97 @@ class StageRunner:
             log.info("%s: closed", self._stage.name)
 
     def run_once(self) -> int:
-        """Consume, process and commit one batch; returns the number of records consumed."""
-        messages = self._consumer.consume(
-            num_messages=self._batch_size, timeout=self._batch_timeout_s
-        )
+        """Consume, process and publish one batch; returns the number of records consumed."""
+        self._maybe_resume()
+        messages = self._consumer.consume(num_messages=self._batch_size, timeout=self._wait_s())
+        if self._rewind_needed:  # a rebalance callback aborted: replay from committed offsets
+            self._rewind_to_committed()
+            return 0
         batch = [to_record(m) for m in messages if self._usable(m)]
         if not batch:
+            self._commit_if_due()
             return 0
         started = time.monotonic()
         try:
-            outcome = self._process(batch)
-            outputs = outcome.outputs + [
-                dlq_output(r, stage=self._stage.name, dlq_topic=self._dlq_topic)
-                for r in outcome.rejected
-            ]
-            self._committer.publish(outputs, next_offsets(batch))
+            self._handle(batch)
         except (SinkUnavailable, DeliveryFailed) as exc:
-            self._rewind(batch, exc)
-            return len(batch)
-        self._backoff_s = 0.0
-        self._metrics.batch(size=len(batch), seconds=time.monotonic() - started)
+            self._retry_later(batch, exc)
+        except TransactionAborted as exc:
+            log.warning("%s: transaction aborted (%s); rewinding", self._stage.name, exc)
+            self._metrics.retry()
+            self._rewind_to_committed()
+        else:
+            self._backoff.reset()
+            self._metrics.batch(size=len(batch), seconds=time.monotonic() - started)
+        return len(batch)
+
+    def _handle(self, batch: list[Record]) -> None:
+        outcome = process_isolating(self._stage, batch)
+        if self._budget is not None:
+            self._budget.observe(len(batch), outcome.rejected)
+        dead = [
+            dlq_output(r, stage=self._stage.name, dlq_topic=self._dlq_topic)
+            for r in outcome.rejected
+        ]
+        self._committer.publish(outcome.outputs + dead, next_offsets(batch))
         self._metrics.records_out(len(outcome.outputs))
         for rejection in outcome.rejected:
             self._metrics.dead_lettered(rejection.reason)
-        return len(batch)
 
-    def _process(self, batch: Sequence[Record]) -> BatchOutcome:
-        return process_isolating(self._stage, batch)
+    def _wait_s(self) -> float:
+        due = self._committer.commit_due_in()
+        return self._batch_timeout_s if due is None else min(self._batch_timeout_s, due)
 
-    def _rewind(self, batch: Sequence[Record], exc: Exception) -> None:
-        """Seek back to the batch's first offsets so the next consume replays it."""
+    def _commit_if_due(self) -> None:
+        if self._committer.commit_due_in() == 0.0:
+            try:
+                self._committer.commit()
+            except TransactionAborted:
+                self._rewind_to_committed()
+
+    def _retry_later(self, batch: Sequence[Record], exc: Exception) -> None:
+        """Pause every assigned partition, rewind to the batch's start, resume after a
+        back-off. ``consume`` keeps being called meanwhile, so we stay in the group."""
         self._metrics.retry()
-        self._backoff_s = min(max(self._backoff_s * 2, 0.1), self._max_backoff_s)
-        if isinstance(exc, SinkUnavailable):
-            self._backoff_s = max(self._backoff_s, min(exc.retry_after_s, self._max_backoff_s))
-        log.warning("%s: %s; retrying batch in %.1fs", self._stage.name, exc, self._backoff_s)
-        for tp in first_offsets(batch):
-            if (tp.topic, tp.partition) in self.assigned:
+        at_least = exc.retry_after_s if isinstance(exc, SinkUnavailable) else 0.0
+        delay = self._backoff.next(at_least)
+        log.warning("%s: %s; pausing, retrying the batch in %.1fs", self._stage.name, exc, delay)
+        try:
+            self._committer.commit()  # earlier batches in an open transaction are good
+        except TransactionAborted:
+            self._rewind_needed = True
+        assigned = self._assigned_partitions()
+        self._consumer.pause(assigned)
+        self._seek([tp for tp in first_offsets(batch) if (tp.topic, tp.partition) in self.assigned])
+        self._paused_until = time.monotonic() + delay
+
+    def _maybe_resume(self) -> None:
+        if self._paused_until is not None and time.monotonic() >= self._paused_until:
+            self._consumer.resume(self._assigned_partitions())
+            self._paused_until = None
+
+    def _rewind_to_committed(self) -> None:
+        """Seek every assigned partition back to its committed offset."""
+        self._rewind_needed = False
+        assigned = self._assigned_partitions()
+        if not assigned:
+            return
+        committed = self._consumer.committed(assigned, timeout=30)
+        for tp in committed:
+            if tp.offset < 0:  # nothing committed yet: start over, as auto.offset.reset does
+                tp.offset = OFFSET_BEGINNING
+        self._seek(committed)
+
+    def _seek(self, partitions: Sequence[TopicPartition]) -> None:
+        for tp in partitions:
+            try:
                 self._consumer.seek(tp)
-        # Short waits well inside max.poll.interval.ms; the next consume() keeps us in the group.
-        time.sleep(self._backoff_s)
+            except KafkaException as exc:
+                # Not yet fetching (just assigned): its position is the committed offset anyway.
+                log.debug("seek %s[%d] failed: %s", tp.topic, tp.partition, exc)
+
+    def _assigned_partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted(self.assigned)]
 
     def _usable(self, message: Message) -> bool:
         err = message.error()
@@ -291,8 +293,20 @@ class StageRunner:
         log.info("%s: assigned %s", self._stage.name, _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is pending while we still own the partitions."""
+        try:
+            self._committer.commit()
+        except TransactionAborted:
+            self._rewind_needed = True
         self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
         log.info("%s: revoked %s", self._stage.name, _fmt(partitions))
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Another member owns these now: discard what we did not commit."""
+        self._committer.abort()
+        self._rewind_needed = True
+        self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
+        log.warning("%s: lost %s", self._stage.name, _fmt(partitions))
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

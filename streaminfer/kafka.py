@@ -41,8 +41,23 @@ def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> d
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
         **settings.kafka_extra,
+        **settings.kafka_consumer_extra,
         **overrides,
     }
+
+
+def transactional_producer_config(settings: Settings, *, transactional_id: str) -> dict[str, Any]:
+    return producer_config(
+        settings,
+        **{
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": int(settings.txn_timeout_s * 1000),
+            # librdkafka requires every message to time out before its transaction does.
+            "delivery.timeout.ms": int(
+                min(settings.delivery_timeout_s, settings.txn_timeout_s) * 1000
+            ),
+        },
+    )
 
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:

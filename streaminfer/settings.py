@@ -7,6 +7,7 @@ librdkafka pass-through (``STREAMINFER_KAFKA_EXTRA``, JSON), merged last.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +51,24 @@ class Settings(BaseSettings):
     home: Path = Field(default=REPO_ROOT / ".cache", description="local stack state (jars, data)")
     run_dir: Path = Field(default=REPO_ROOT / ".run", description="pid files and stage logs")
 
-    processing_guarantee: Literal["at-least-once"] = "at-least-once"
+    processing_guarantee: Literal["exactly-once", "at-least-once"] = Field(
+        default="exactly-once",
+        description="exactly-once: Kafka transactions between stages; at-least-once: faster",
+    )
+    txn_max_records: int = Field(default=5000, ge=1, description="commit a transaction at")
+    txn_max_interval_s: float = Field(default=0.02, ge=0, description="...or this old")
+    txn_timeout_s: float = Field(
+        default=10.0, gt=0, description="broker aborts a transaction left open this long"
+    )
+    worker_id: str = Field(
+        default="",
+        description="distinguishes the transactional.id of worker processes that share a "
+        "group; 'hostname' uses the host name (one container per replica)",
+    )
+    kafka_consumer_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    dlq_max_ratio: float = Field(default=0.5, gt=0, le=1, description="stop above this")
+    dlq_window: int = Field(default=1000, ge=1, description="...of the last N records")
+    dlq_min_records: int = Field(default=200, ge=1)
     batch_size: int = Field(default=500, ge=1, description="records per consume() call")
     batch_timeout_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")
     delivery_timeout_s: float = Field(default=30.0, gt=0)
@@ -68,3 +86,55 @@ class Settings(BaseSettings):
 
     def group_id(self, stage: str) -> str:
         return f"{self.topic_prefix}streaminfer.{stage}"
+
+    def transactional_id(self, stage: str, slot: int) -> str:
+        """Stable per worker slot: a restarted worker fences its predecessor's transactions."""
+        worker = socket.gethostname() if self.worker_id == "hostname" else self.worker_id
+        return f"{self.group_id(stage)}.{worker + '.' if worker else ''}{slot}"
+
+    # --- HTTP ingest (ingest/app.py, `streaminfer ingest`) ---
+    ingest_host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
+    ingest_port: int = Field(default=8000, ge=0, le=65535)
+    ingest_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    ingest_max_body_bytes: int = Field(default=1 << 20, ge=1, description="413 above this")
+    ingest_max_batch: int = Field(default=1000, ge=1, description="413 above this many requests")
+    ingest_delivery_timeout_s: float = Field(
+        default=5.0, gt=0, description="wait this long for Kafka's acknowledgement, then 503"
+    )
+    ingest_linger_ms: int = Field(default=1, ge=0, description="producer linger of the API")
+    ingest_queue_max_records: int = Field(
+        default=100_000, ge=1, description="producer queue size; 429 when a body does not fit"
+    )
+    ingest_busy_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
+    ingest_unavailable_retry_after_s: int = Field(default=5, ge=0, description="...of a 503")
+    ingest_predict_timeout_s: float = Field(default=2.0, gt=0, description="predict default wait")
+    ingest_predict_max_timeout_s: float = Field(default=30.0, gt=0)
+    ingest_check_models: bool = Field(
+        default=True,
+        description="check each request against its model's signature before producing it "
+        "(needs models_dir); off: only the message schema is checked, the validate stage "
+        "dead-letters the rest",
+    )
+    ingest_probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz checks")
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="comma-separated API keys; when set every route but /healthz and /readyz "
+        "needs one (X-API-Key or Authorization: Bearer)",
+    )
+    api_public_docs: bool = Field(
+        default=False, description="serve /docs and /openapi.json without a key"
+    )
+
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication is off)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    # --- Backfills (ingest/backfill/, `streaminfer backfill|replay|export`) ---
+    backfill_checkpoint_dir: Path | None = Field(
+        default=None, description="checkpoints and reject reports (default <home>/backfills)"
+    )
+    backfill_checkpoint_interval_s: float = Field(
+        default=1.0, gt=0, description="save a running backfill's checkpoint this often"
+    )
+    backfill_batch_rows: int = Field(default=4096, ge=1, description="rows per file read batch")

@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Final, Literal
 
 import redis
+from confluent_kafka import Consumer, Producer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from sinks.redis_store import ResultStore
+from stages.committers import AtLeastOnceCommitter, Committer, TransactionalCommitter
+from stages.dlq import DlqBudget
 from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
 from stages.persist import PersistStage
-from stages.runtime import AtLeastOnceCommitter, Stage, StageRunner
+from stages.runtime import Stage, StageRunner
 from stages.validate import ValidateStage
-from streaminfer.kafka import make_consumer, make_producer
+from streaminfer.kafka import make_consumer, make_producer, transactional_producer_config
 from streaminfer.settings import Settings
 
 StageName = Literal["validate", "infer", "persist"]
@@ -65,17 +68,42 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
     """One consumer-group member of stage ``name``: its consumer, producer and stage."""
     metrics = stage_metrics(settings, name, slot)
     consumer = make_consumer(settings, group_id=settings.group_id(name))
-    producer = make_producer(settings)
-    committer = AtLeastOnceCommitter(
-        producer=producer, consumer=consumer, delivery_timeout_s=settings.delivery_timeout_s
-    )
     return StageRunner(
         stage=build_stage(settings, name, metrics),
         consumer=consumer,
-        committer=committer,
+        committer=make_committer(settings, name, slot=slot, consumer=consumer),
         input_topics=input_topics(settings, name),
         dlq_topic=settings.topics.dlq,
         batch_size=settings.batch_size,
         batch_timeout_s=settings.batch_timeout_s,
+        dlq_budget=DlqBudget(
+            stage=name,
+            max_ratio=settings.dlq_max_ratio,
+            window=settings.dlq_window,
+            min_records=settings.dlq_min_records,
+        ),
         metrics=metrics,
+    )
+
+
+def make_committer(
+    settings: Settings, name: StageName, *, slot: int, consumer: Consumer
+) -> Committer:
+    """Transactions between Kafka stages in exactly-once mode. Persist is always
+    at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent."""
+    if settings.processing_guarantee == "exactly-once" and name != "persist":
+        config = transactional_producer_config(
+            settings, transactional_id=settings.transactional_id(name, slot)
+        )
+        return TransactionalCommitter(
+            producer_factory=lambda: Producer(config),
+            consumer=consumer,
+            max_records=settings.txn_max_records,
+            max_interval_s=settings.txn_max_interval_s,
+            timeout_s=settings.delivery_timeout_s,
+        )
+    return AtLeastOnceCommitter(
+        producer=make_producer(settings),
+        consumer=consumer,
+        delivery_timeout_s=settings.delivery_timeout_s,
     )

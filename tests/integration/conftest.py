@@ -84,8 +84,16 @@ class StageProcesses:
 
     def wait_joined(self, name: StageName, timeout_s: float = 60.0) -> None:
         admin = make_admin(self.settings)
+        proc = self.procs[name]
+
+        def joined() -> bool:
+            if proc.poll() is not None:
+                log = (self.log_dir / f"{name}.log").read_text()[-3000:]
+                raise AssertionError(f"stage {name} exited with {proc.returncode}:\n{log}")
+            return group_ready(admin, self.settings, name)
+
         wait_until(
-            lambda: group_ready(admin, self.settings, name),
+            joined,
             timeout_s,
             f"stage {name} joined its group (log: {self.log_dir / name}.log)",
         )

@@ -16,7 +16,7 @@ from schemas import Codec, ResultV1, StoredV1, tensor_from_array, tensor_to_arra
 from streaminfer.kafka import make_admin, make_producer
 from streaminfer.settings import Settings
 from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout
-from tests.integration.conftest import StageProcesses, read_topic
+from tests.integration.conftest import StageProcesses, read_topic, wait_until
 
 pytestmark = pytest.mark.integration
 RESULTS = Codec(ResultV1)
@@ -125,9 +125,14 @@ def test_two_infer_workers_share_the_partitions_and_produce_each_result_once(
     stages.start("infer", workers=2)
     admin = make_admin(settings)
     group = settings.group_id("infer")
-    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
-    assigned = [len(m.assignment.topic_partitions) for m in description.members]
-    assert len(assigned) == 2 and all(n >= 1 for n in assigned), assigned
+    assigned: list[int] = []
+
+    def both_members_own_partitions() -> bool:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        assigned[:] = [len(m.assignment.topic_partitions) for m in description.members]
+        return len(assigned) == 2 and all(n >= 1 for n in assigned)
+
+    wait_until(both_members_own_partitions, 60, "both infer workers own partitions")
     assert sum(assigned) == settings.topic_partitions
 
     features, _ = holdout()

@@ -2,9 +2,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from stages.dlq import dlq_output
 from stages.errors import SinkUnavailable
 from stages.records import BatchOutcome, Output, Record, Rejection, child_traceparent
-from stages.runtime import dlq_output, first_offsets, next_offsets, process_isolating
+from stages.runtime import first_offsets, next_offsets, process_isolating
 from tests.helpers import record
 
 
