@@ -42,7 +42,11 @@ def model_registry(settings: Settings) -> ModelRegistry:
 
 
 def result_store(settings: Settings) -> ResultStore:
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    # Timeouts turn a hung Redis into an error the persist stage retries (pausing its
+    # partitions) instead of a call that blocks past max.poll.interval.ms.
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
+    )
     return ResultStore(client=client, ttl_s=settings.result_ttl_s, prefix=settings.topic_prefix)
 
 

@@ -3,7 +3,7 @@
 # (it only holds results with a TTL, so a restart may lose them).
 #
 #   ops/redis/redis.sh start     install (apt, as root) if missing, start, wait for PONG
-#   ops/redis/redis.sh stop      SIGTERM (no save configured), wait, SIGKILL after 15 s
+#   ops/redis/redis.sh stop      SHUTDOWN SAVE (snapshot + exit), wait, SIGKILL after 15 s
 #   ops/redis/redis.sh status    exit 0 when running, 3 when stopped
 #
 # Environment:
@@ -89,7 +89,7 @@ pidfile $pidfile
 logfile $log
 loglevel notice
 dir $rdir
-# A development cache: no RDB snapshots, no AOF.
+# A development cache: no periodic snapshots (`stop` saves one), no AOF.
 save ""
 appendonly no
 EOF
@@ -139,9 +139,13 @@ stop() {
         say "not running"
         return 0
     fi
-    # SIGTERM is redis' clean shutdown; with `save ""` it writes nothing (like SHUTDOWN NOSAVE),
-    # and unlike redis-cli it targets exactly our process, not whatever owns the port.
-    kill -TERM "$pid" 2>/dev/null || true
+    # No periodic snapshots (`save ""`), but a stop/start keeps the stored results:
+    # SHUTDOWN SAVE snapshots and exits in one step, so no write acknowledged in between is
+    # lost; the next start loads dump.rdb from $rdir. (our_pid checked that our process owns
+    # the port.) SIGTERM, which saves nothing here, is only the fallback.
+    if ! redis-cli -h "$host" -p "$port" shutdown save >/dev/null 2>&1; then
+        alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
+    fi
     for ((i = 0; i < 150; i++)); do
         alive "$pid" || break
         sleep 0.1

@@ -13,10 +13,10 @@ from confluent_kafka import Producer
 
 from ingest.producer import RequestProducer
 from schemas import Codec, ResultV1, StoredV1, tensor_from_array, tensor_to_array
-from streaminfer.kafka import make_admin, make_producer
+from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
+from tests.fixtures import StageProcesses, read_topic
 from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout
-from tests.integration.conftest import StageProcesses, read_topic, wait_until
 
 pytestmark = pytest.mark.integration
 RESULTS = Codec(ResultV1)
@@ -123,17 +123,7 @@ def test_two_infer_workers_share_the_partitions_and_produce_each_result_once(
 ) -> None:
     stages.start("validate")
     stages.start("infer", workers=2)
-    admin = make_admin(settings)
-    group = settings.group_id("infer")
-    assigned: list[int] = []
-
-    def both_members_own_partitions() -> bool:
-        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
-        assigned[:] = [len(m.assignment.topic_partitions) for m in description.members]
-        return len(assigned) == 2 and all(n >= 1 for n in assigned)
-
-    wait_until(both_members_own_partitions, 60, "both infer workers own partitions")
-    assert sum(assigned) == settings.topic_partitions
+    stages.wait_members("infer", 2)
 
     features, _ = holdout()
     sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)

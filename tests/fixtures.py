@@ -1,4 +1,4 @@
-"""Real Kafka and Redis for integration tests.
+"""Real Kafka and Redis for integration and fault tests.
 
 Session-wide: uses ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` when set, otherwise starts the
 local broker and Redis with the ``ops/`` scripts (and stops at the end what it started).
@@ -26,8 +26,6 @@ from streaminfer.stack import KAFKA, REDIS, Service, group_ready
 from streaminfer.wiring import StageName
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.integration
-
 
 def _ensure(service: Service, settings: Settings) -> bool:
     """Start ``service`` unless it is external or already up; True when started here."""
@@ -47,11 +45,12 @@ def services() -> Iterator[None]:
 
 
 @pytest.fixture()
-def settings(services: None, tmp_path: Path) -> Settings:
+def settings(services: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Settings isolated to this test: its own topics, groups, Redis keys and run dir."""
     prefix = f"t{uuid.uuid4().hex[:10]}."
-    env = {"STREAMINFER_TOPIC_PREFIX": prefix, "STREAMINFER_RUN_DIR": str(tmp_path / "run")}
-    os.environ.update(env)  # for subprocesses started by the test
+    # Through the environment, so that stage subprocesses started by the test see it too.
+    monkeypatch.setenv("STREAMINFER_TOPIC_PREFIX", prefix)
+    monkeypatch.setenv("STREAMINFER_RUN_DIR", str(tmp_path / "run"))
     settings = Settings()
     create_topics(settings)
     return settings
@@ -69,40 +68,78 @@ class StageProcesses:
         self.settings = settings
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.exit_codes: dict[str, list[int]] = {}
 
-    def start(self, name: StageName, *, workers: int = 1, wait: bool = True) -> None:
-        log = (self.log_dir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
+    def start(
+        self,
+        name: StageName,
+        *,
+        workers: int = 1,
+        wait: bool = True,
+        label: str | None = None,
+        worker_id: str = "",
+    ) -> None:
+        """Start a member process of stage ``name``, known as ``label`` (default: ``name``).
+        Processes of one stage that run side by side need distinct ``worker_id`` s."""
+        label = label or name
+        log = (self.log_dir / f"{label}.log").open("ab")
+        env = {**os.environ, "STREAMINFER_WORKER_ID": worker_id}
+        self.procs[label] = subprocess.Popen(
             [sys.executable, "-m", "streaminfer.cli", "stage", name, "--workers", str(workers)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=os.environ.copy(),
+            env=env,
         )
         if wait:
-            self.wait_joined(name)
+            self.wait_joined(name, label=label)
 
-    def wait_joined(self, name: StageName, timeout_s: float = 60.0) -> None:
+    def signal(self, label: str, signum: int) -> None:
+        self.procs[label].send_signal(signum)
+
+    def kill(self, label: str) -> int:
+        """SIGKILL ``label`` and reap it."""
+        self.procs[label].kill()
+        return self.procs[label].wait(timeout=30)
+
+    def terminate(self, label: str) -> int:
+        """SIGTERM ``label`` (drain, commit, leave) and return its exit code."""
+        self.procs[label].terminate()
+        return self.procs[label].wait(timeout=60)
+
+    def wait_joined(
+        self, name: StageName, *, label: str | None = None, timeout_s: float = 60.0
+    ) -> None:
         admin = make_admin(self.settings)
-        proc = self.procs[name]
+        proc = self.procs[label or name]
+        log_file = self.log_dir / f"{label or name}.log"
 
         def joined() -> bool:
             if proc.poll() is not None:
-                log = (self.log_dir / f"{name}.log").read_text()[-3000:]
+                log = log_file.read_text()[-3000:]
                 raise AssertionError(f"stage {name} exited with {proc.returncode}:\n{log}")
             return group_ready(admin, self.settings, name)
 
-        wait_until(
-            joined,
-            timeout_s,
-            f"stage {name} joined its group (log: {self.log_dir / name}.log)",
-        )
+        wait_until(joined, timeout_s, f"stage {name} joined its group (log: {log_file})")
+
+    def wait_members(self, name: StageName, count: int, timeout_s: float = 60.0) -> None:
+        """Until stage ``name``'s group has ``count`` members, each owning a partition."""
+        admin = make_admin(self.settings)
+        group = self.settings.group_id(name)
+
+        def ready() -> bool:
+            description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            owned = [len(m.assignment.topic_partitions) for m in description.members]
+            return len(owned) == count and all(owned)
+
+        wait_until(ready, timeout_s, f"{count} {name} members each own a partition")
 
     def stop_all(self) -> dict[str, int]:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        return {name: proc.wait(timeout=60) for name, proc in self.procs.items()}
+        """SIGTERM every process still running; their exit codes (0 = drained cleanly)."""
+        running = {label: p for label, p in self.procs.items() if p.poll() is None}
+        for proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        return {label: proc.wait(timeout=60) for label, proc in running.items()}
 
 
 @pytest.fixture()
