@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Literal
 
 Reason = Literal[
     "malformed",
@@ -14,17 +14,6 @@ Reason = Literal[
     "inference_error",
     "stage_error",
 ]
-
-REASONS: Final[tuple[Reason, ...]] = (
-    "malformed",
-    "unknown_model",
-    "signature_mismatch",
-    "non_finite",
-    "out_of_range",
-    "expired",
-    "inference_error",
-    "stage_error",
-)
 
 
 class InvalidRecord(Exception):
