@@ -47,6 +47,7 @@ from stages.committers import Committer
 from stages.dlq import DlqBudget, dlq_output
 from stages.errors import DeliveryFailed, SinkUnavailable, TransactionAborted
 from stages.metrics import NullMetrics, StageMetrics
+from stages.priority import PriorityGate
 from stages.records import BatchOutcome, Record, Rejection
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class StageRunner:
         dlq_budget: DlqBudget | None = None,
         metrics: StageMetrics | None = None,
         backoff: Backoff | None = None,
+        priority: PriorityGate | None = None,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -165,6 +167,7 @@ class StageRunner:
         self._budget = dlq_budget
         self._metrics: StageMetrics = metrics or NullMetrics()
         self._backoff = backoff or Backoff()
+        self._priority = priority
         self._paused_until: float | None = None
         self._rewind_needed = False
         self.assigned: set[tuple[str, int]] = set()
@@ -193,6 +196,8 @@ class StageRunner:
         if self._rewind_needed:  # a rebalance callback aborted: replay from committed offsets
             self._rewind_to_committed()
             return 0
+        if self._priority is not None and self._paused_until is None:
+            self._priority.update(self._consumer, self.assigned)
         batch = [to_record(m) for m in messages if self._usable(m)]
         if not batch:
             self._commit_if_due()
@@ -255,6 +260,8 @@ class StageRunner:
         if self._paused_until is not None and time.monotonic() >= self._paused_until:
             self._consumer.resume(self._assigned_partitions())
             self._paused_until = None
+            if self._priority is not None:
+                self._priority.reassert(self._consumer, self.assigned)
 
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition back to its committed offset."""
