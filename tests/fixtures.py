@@ -171,11 +171,7 @@ def read_topic(
     def read_some() -> None:
         messages.extend(m for m in consumer.consume(1000, timeout=0.2) if not m.error())
 
-    def at_end() -> bool:
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
+    def at_end(ends: dict[int, int]) -> bool:
         positions = consumer.position([TopicPartition(topic, p) for p in partitions])
         return all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in positions)
 
@@ -183,7 +179,12 @@ def read_topic(
         deadline = time.monotonic() + timeout_s
         while len(messages) < count and time.monotonic() < deadline:
             read_some()
-        while not at_end() and time.monotonic() < deadline:
+        # The ends are read once: asking the broker on every loop would queue behind fetches.
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+        while not at_end(ends) and time.monotonic() < deadline:
             read_some()
     finally:
         consumer.close()

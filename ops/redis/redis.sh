@@ -9,7 +9,7 @@
 # Environment:
 #   STREAMINFER_HOME                 state root (default <repo>/.cache); uses $STREAMINFER_HOME/redis/
 #   STREAMINFER_REDIS_PORT           default 6379
-#   STREAMINFER_REDIS_START_TIMEOUT  seconds `start` waits for PONG (default 15)
+#   STREAMINFER_REDIS_START_TIMEOUT  seconds `start` waits for PONG (default 60: a big snapshot takes a while to load)
 #
 # Without root (no apt) and without redis-server, use `docker compose up` instead.
 set -euo pipefail
@@ -28,7 +28,7 @@ log="$rdir/redis.log"
 
 host=127.0.0.1
 port="${STREAMINFER_REDIS_PORT:-6379}"
-start_timeout="${STREAMINFER_REDIS_START_TIMEOUT:-15}"
+start_timeout="${STREAMINFER_REDIS_START_TIMEOUT:-60}"
 
 say() { echo "redis: $*"; }
 die() {
