@@ -26,6 +26,7 @@ from streaminfer.settings import REPO_ROOT, Settings
 from streaminfer.wiring import STAGE_NAMES, StageName, input_topics
 
 OPS = REPO_ROOT / "ops"
+INGEST = "ingest"  # the HTTP API process, managed like a stage (pid file and log in run_dir)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,13 @@ def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = pr
             echo(f"stage {name}: started (log {_log_file(settings, name)})")
         else:
             echo(f"stage {name}: already running")
+    if _stage_pid(settings, INGEST) is None:
+        _spawn(settings, INGEST, ["ingest", "--port", str(settings.ingest_port)])
+        started.append(INGEST)
+        url = f"http://{settings.ingest_host}:{settings.ingest_port}"
+        echo(f"ingest: {url} (log {_log_file(settings, INGEST)})")
+    else:
+        echo("ingest: already running")
     return started
 
 
@@ -92,8 +100,11 @@ def down(
     only: Iterable[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
-    """Stop the stages (drain first), then Redis and Kafka; ``only`` limits what is stopped."""
-    wanted = set(only) if only is not None else {*STAGE_NAMES, *(s.name for s in SERVICES)}
+    """Stop the ingest API, the stages (drain first), then Redis and Kafka; ``only`` limits
+    what is stopped."""
+    wanted = set(only) if only is not None else {INGEST, *STAGE_NAMES, *(s.name for s in SERVICES)}
+    if INGEST in wanted:
+        _stop_stage(settings, INGEST, echo)
     for name in STAGE_NAMES:
         if name in wanted:
             _stop_stage(settings, name, echo)
@@ -157,10 +168,15 @@ def _stage_pid(settings: Settings, name: str) -> int | None:
 
 
 def _spawn_stage(settings: Settings, name: str, workers: int) -> None:
+    _spawn(settings, name, ["stage", name, "--workers", str(workers)])
+
+
+def _spawn(settings: Settings, name: str, command: list[str]) -> None:
+    """``streaminfer COMMAND...`` detached, with its pid file and log named ``name``."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     with _log_file(settings, name).open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streaminfer.cli", "stage", name, "--workers", str(workers)],
+            [sys.executable, "-m", "streaminfer.cli", *command],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -208,4 +224,8 @@ def status(settings: Settings) -> list[str]:
     for name in STAGE_NAMES:
         pid = _stage_pid(settings, name)
         lines.append(f"stage {name}: " + (f"running (pid {pid})" if pid else "stopped"))
+    pid = _stage_pid(settings, INGEST)
+    lines.append(
+        "ingest: " + (f"running (pid {pid}, port {settings.ingest_port})" if pid else "stopped")
+    )
     return lines

@@ -12,10 +12,12 @@ def _services() -> dict[str, dict[str, object]]:
 
 
 def test_compose_has_the_whole_stack() -> None:
-    assert {"kafka", "redis", "topics", "validate", "infer", "persist"} <= set(_services())
+    assert {"kafka", "redis", "topics", "validate", "infer", "persist", "ingest"} <= set(
+        _services()
+    )
 
 
-@pytest.mark.parametrize("name", ["topics", "validate", "infer", "persist"])
+@pytest.mark.parametrize("name", ["topics", "validate", "infer", "persist", "ingest"])
 def test_every_streaminfer_command_exists_in_the_cli(name: str) -> None:
     service = _services()[name]
     command = service["command"]

@@ -1,0 +1,234 @@
+"""The HTTP API (FastAPI, served by uvicorn): ``create_app(settings)`` builds one.
+
+Routes (README "HTTP API" has curl examples):
+
+- ``POST /v1/requests``: one request (object) or a batch (array), JSON or MessagePack;
+  202 ``{"ids": [...]}`` once Kafka acknowledged every record.
+- ``POST /v1/predict?timeout=S``: one request; 200 with the result, 422 if dead-lettered,
+  504 with the id when no result came within ``timeout`` after Kafka's acknowledgement.
+- ``GET /v1/results/{id}``: 200 with the result, 404 unknown or expired.
+- ``/healthz``, ``/readyz``, ``/metrics``; OpenAPI at ``/docs`` and ``/openapi.json``.
+
+Results are JSON with tensors as ``{dtype, shape, values}`` (:mod:`ingest.rendering`), or the
+stored MessagePack ``ResultV1`` bytes as they are when the client sends
+``Accept: application/msgpack``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at
+# definition time, and the predict timeout's bound comes from the settings in scope.
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, cast
+
+from fastapi import FastAPI, Path, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ingest.errors import ApiError, install_handlers, json_response
+from ingest.metrics import PrometheusIngestMetrics
+from ingest.middleware import ApiKeyGuard, RequestMetrics
+from ingest.openapi import build_openapi, error_responses, request_body
+from ingest.payloads import MSGPACK_TYPES
+from ingest.rendering import result_json
+from ingest.service import IngestService, build_service
+from ingest.waiters import DeadLettered, Stored
+from streaminfer.settings import Settings
+
+log = logging.getLogger(__name__)
+PROBES = ("/healthz", "/readyz")
+DOCS = ("/docs", "/docs/oauth2-redirect", "/openapi.json")
+_NO_KEY: dict[str, Any] = {"security": []}
+
+
+class IngestApi(FastAPI):
+    """FastAPI with the msgspec-derived OpenAPI document (see :mod:`ingest.openapi`)."""
+
+    api_keys_enabled = False
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = build_openapi(self, api_keys=self.api_keys_enabled)
+        return self.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ingest app; its Kafka and Redis clients are made at startup (lifespan)."""
+    settings = settings or Settings()
+    registry = CollectorRegistry()
+    app = IngestApi(
+        title="streaminfer ingest",
+        version="1",
+        description="Send inference requests over HTTP; read results. See the README.",
+        lifespan=_lifespan(settings),
+    )
+    metrics = PrometheusIngestMetrics(registry=registry, queue_depth=lambda: _queue_depth(app))
+    app.state.metrics = metrics
+    app.state.registry = registry
+    keys = settings.api_key_list()
+    app.api_keys_enabled = bool(keys)
+    open_paths = PROBES + (DOCS if settings.api_public_docs else ())
+    app.add_middleware(ApiKeyGuard, keys=keys, open_paths=open_paths)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
+    install_handlers(
+        app,
+        busy_retry_s=settings.ingest_busy_retry_after_s,
+        unavailable_retry_s=settings.ingest_unavailable_retry_after_s,
+    )
+    _add_routes(app, settings)
+    return app
+
+
+def _lifespan(settings: Settings) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = build_service(settings, app.state.metrics)
+        await service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.close()
+
+    return lifespan
+
+
+def _service(request: Request) -> IngestService:
+    return cast(IngestService, request.app.state.service)
+
+
+def _queue_depth(app: FastAPI) -> int:
+    service = getattr(app.state, "service", None)
+    return service.producer.queue_depth() if service is not None else 0
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
+
+
+def _wants_msgpack(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(t in accept for t in MSGPACK_TYPES)
+
+
+def result_response(request: Request, value: bytes, status: int = 200) -> Response:
+    if _wants_msgpack(request):
+        return Response(value, status_code=status, media_type="application/msgpack")
+    return json_response(status, result_json(value))
+
+
+def _add_routes(app: FastAPI, settings: Settings) -> None:
+    limit = settings.ingest_max_body_bytes
+
+    @app.post(
+        "/v1/requests",
+        status_code=202,
+        summary="Send one request or a batch; 202 once Kafka holds every record",
+        openapi_extra=request_body(batch=True),
+        responses={
+            202: {"description": "every record acknowledged by Kafka: `{ids: [...]}`"},
+            **error_responses(401, 403, 413, 415, 422, 429, 503),
+        },
+    )
+    async def submit(request: Request) -> Response:
+        service = _service(request)
+        body = await read_body(request, limit)
+        submissions = service.decoder.decode_body(body, request.headers.get("content-type"))
+        ids = await service.submit(submissions)
+        return json_response(202, {"ids": ids})
+
+    @app.post(
+        "/v1/predict",
+        summary="Send one request and wait for its result",
+        openapi_extra=request_body(batch=False),
+        responses={
+            200: {"description": "the result (ResultJson)"},
+            **error_responses(401, 403, 413, 415, 422, 429, 503, 504),
+        },
+    )
+    async def predict(
+        request: Request,
+        timeout: Annotated[
+            float,
+            Query(gt=0, le=settings.ingest_predict_max_timeout_s, description="seconds to wait"),
+        ] = settings.ingest_predict_timeout_s,
+    ) -> Response:
+        service = _service(request)
+        body = await read_body(request, limit)
+        (submission,) = service.decoder.decode_body(
+            body, request.headers.get("content-type"), batch=False
+        )
+        outcome = await service.predict(submission, timeout_s=timeout)
+        request_id = submission.request.id
+        if isinstance(outcome, Stored):
+            return result_response(request, outcome.value)
+        if isinstance(outcome, DeadLettered):
+            raise _dead_lettered(request_id, outcome)
+        raise ApiError(
+            504,
+            "timeout",
+            f"no result within {timeout}s; it stays fetchable at /v1/results/{request_id}",
+            id=request_id,
+        )
+
+    @app.get(
+        "/v1/results/{request_id:path}",  # :path: ids may contain slashes
+        summary="The result of a request",
+        responses={200: {"description": "the result (ResultJson)"}, **error_responses(404)},
+    )
+    async def result(
+        request: Request, request_id: Annotated[str, Path(min_length=1, max_length=256)]
+    ) -> Response:
+        value = await _service(request).result(request_id)
+        if value is None:
+            raise ApiError(404, "not_found", f"no result for {request_id!r}", id=request_id)
+        return result_response(request, value)
+
+    _add_operational_routes(app)
+
+
+def _dead_lettered(request_id: str, outcome: DeadLettered) -> ApiError:
+    return ApiError(
+        422,
+        "dead_lettered",
+        f"the {outcome.stage} stage dead-lettered the request: {outcome.message}",
+        id=request_id,
+        reason=outcome.reason,
+        stage=outcome.stage,
+        errors=[{"path": "$", "reason": outcome.reason, "message": outcome.message}],
+    )
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/healthz", summary="The process is alive", openapi_extra=_NO_KEY)
+    async def healthz() -> Response:
+        return json_response(200, {"status": "ok"})
+
+    @app.get(
+        "/readyz",
+        summary="Kafka metadata and Redis PING succeed",
+        openapi_extra=_NO_KEY,
+        responses={503: {"description": "a dependency is unreachable (the body says which)"}},
+    )
+    async def readyz(request: Request) -> Response:
+        checks = await _service(request).readiness()
+        ready = all(state == "ok" for state in checks.values())
+        return json_response(200 if ready else 503, {"ready": ready, **checks})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        registry = request.app.state.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,106 @@
+"""HTTP error responses: one JSON shape for every error the API returns.
+
+``{"error": <code>, "message": <sentence>, ...details}``; 422 adds ``errors``, a list of
+``{path, reason, message}`` (``path`` like ``$[3].inputs.input``, ``reason`` a DLQ reason code).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
+
+from ingest.delivery import QueueFull
+from ingest.payloads import BatchTooLarge, InvalidBody, UnsupportedMediaType
+from ingest.waiters import ResultsUnavailable
+
+log = logging.getLogger(__name__)
+_JSON = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An error answer: raise it from a route, the app turns it into the response."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.details = details
+
+
+def json_response(status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        content=_JSON.encode(body),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: ApiError) -> Response:
+    body = {"error": error.code, "message": error.message, **error.details}
+    return json_response(error.status, body, error.headers)
+
+
+def install_handlers(app: FastAPI, *, busy_retry_s: int, unavailable_retry_s: int) -> None:
+    """Map the domain exceptions raised below the routes to their HTTP answers."""
+    handlers: dict[type[Exception], Any] = {
+        ApiError: lambda e: e,
+        InvalidBody: lambda e: ApiError(
+            422,
+            "invalid_request",
+            str(e),
+            errors=[{"path": f.path, "reason": f.reason, "message": f.message} for f in e.errors],
+        ),
+        BatchTooLarge: lambda e: ApiError(413, "batch_too_large", str(e)),
+        UnsupportedMediaType: lambda e: ApiError(415, "unsupported_media_type", str(e)),
+        QueueFull: lambda e: ApiError(
+            429, "overloaded", f"{e}; retry later", headers={"Retry-After": str(busy_retry_s)}
+        ),
+        ResultsUnavailable: lambda e: _unavailable(
+            "redis_unavailable", str(e), unavailable_retry_s
+        ),
+        RedisError: lambda e: _unavailable("redis_unavailable", repr(e), unavailable_retry_s),
+        RequestValidationError: _from_validation_error,
+    }
+    for exc_type, to_error in handlers.items():
+        app.add_exception_handler(exc_type, _handler(to_error))
+
+
+def _handler(to_error: Any) -> Any:
+    async def handle(_request: Request, exc: Exception) -> Response:
+        return error_response(to_error(exc))
+
+    return handle
+
+
+def _unavailable(code: str, message: str, retry_s: int) -> ApiError:
+    return ApiError(503, code, message, headers={"Retry-After": str(retry_s)})
+
+
+def _from_validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's parameter errors (e.g. ``?timeout=abc``) in the API's own error shape."""
+    errors = [
+        {
+            "path": ".".join(str(p) for p in e.get("loc", ())),
+            "reason": "malformed",
+            "message": e.get("msg", ""),
+        }
+        for e in exc.errors()
+    ]
+    return ApiError(422, "invalid_request", "invalid parameters", errors=errors)
