@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from schemas import Codec, DecodeError, ResultV1, ValidatedRequestV1, tensor_from_array
-from schemas.messages import SCHEMA_NAMES
+from schemas import Codec, DecodeError, ResultV1, Tensor, ValidatedRequestV1, tensor_from_array
+from schemas.messages import SCHEMA_NAMES, DType
 from schemas.tensors import tensor_to_array
 from stages.models import ModelRegistry, ModelSpec
 from stages.records import BatchOutcome, Output, Record, Rejection, output_headers
@@ -89,9 +89,10 @@ class InferStage:
                 isolated.extend(self._run_group(model, version, [member]))
             return isolated
         inferred_at = self._clock()
+        rows = _RowOutputs(spec, outputs)
         results = BatchOutcome.empty()
         for row, (record, request) in enumerate(members):
-            result = self._result(spec, request, outputs, row, inferred_at)
+            result = self._result(request, rows, row, inferred_at)
             results.outputs.append(
                 Output(
                     topic=self._output_topic,
@@ -112,28 +113,49 @@ class InferStage:
         return dict(zip(names, session.run(names, feeds), strict=True))
 
     def _result(
-        self,
-        spec: ModelSpec,
-        request: ValidatedRequestV1,
-        outputs: Arrays,
-        row: int,
-        inferred_at: float,
+        self, request: ValidatedRequestV1, rows: _RowOutputs, row: int, inferred_at: float
     ) -> ResultV1:
-        label: str | None = None
-        scores: dict[str, float] | None = None
-        if spec.labels and spec.label_from:
-            values = outputs[spec.label_from][row]
-            label = spec.labels[int(np.argmax(values))]
-            scores = dict(zip(spec.labels, values.tolist(), strict=True))
+        label, scores = rows.label_and_scores(row)
         return ResultV1(
             id=request.id,
             model=request.model,
             model_version=request.model_version,
             status="ok",
-            outputs={name: tensor_from_array(value[row]) for name, value in outputs.items()},
+            outputs=rows.tensors(row),
             created_at=request.created_at,
             label=label,
             scores=scores,
             timings={"validated": request.validated_at, "inferred": inferred_at},
             attributes=request.attributes,
+        )
+
+
+class _RowOutputs:
+    """A batch's outputs, converted once per batch (not once per row): each output's
+    little-endian C-order buffer is sliced per row, labels come from one ``argmax`` and
+    scores from one ``tolist``. Per-row numpy calls cost more than the model on small rows."""
+
+    def __init__(self, spec: ModelSpec, outputs: Arrays) -> None:
+        self._buffers: list[tuple[str, DType, list[int], bytes, int]] = []
+        for name, value in outputs.items():
+            whole = tensor_from_array(value)  # one copy of the batch, sliced per row below
+            row_size = len(whole.data) // max(whole.shape[0], 1)
+            self._buffers.append((name, whole.dtype, whole.shape[1:], whole.data, row_size))
+        self._labels = spec.labels if spec.labels and spec.label_from else ()
+        if self._labels and spec.label_from is not None:
+            scores = outputs[spec.label_from]
+            self._argmax: list[int] = np.argmax(scores, axis=1).tolist()
+            self._scores: list[list[float]] = scores.tolist()
+
+    def tensors(self, row: int) -> dict[str, Tensor]:
+        return {
+            name: Tensor(dtype=dtype, shape=shape, data=data[row * size : (row + 1) * size])
+            for name, dtype, shape, data, size in self._buffers
+        }
+
+    def label_and_scores(self, row: int) -> tuple[str | None, dict[str, float] | None]:
+        if not self._labels:
+            return None, None
+        return self._labels[self._argmax[row]], dict(
+            zip(self._labels, self._scores[row], strict=True)
         )

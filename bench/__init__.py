@@ -1,0 +1,1 @@
+"""Benchmarks (never timed assertions in tests). ``streaminfer bench`` lives in ``bench.e2e``."""
