@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ingest.backfill.cli import add_parsers as add_backfill_parsers
 from streaminfer.settings import Settings
 from streaminfer.wiring import STAGE_NAMES
 
@@ -44,7 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="models, versions and input signatures")
+    _add_client_parsers(sub)
+    add_backfill_parsers(sub)  # backfill, replay, export (ingest/backfill/cli.py)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``bench``: options and handler live in bench/e2e.py (repository tooling, not packaged)."""
+    _bench_on_path()
+    from bench.options import add_parser
+
+    add_parser(sub)
+
+
+def _bench_on_path() -> None:
+    """``bench/`` is not an installed package: import it from the repository checkout."""
+    from streaminfer.settings import REPO_ROOT
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def _add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``ingest``, ``produce``, ``results`` (handlers in streaminfer/clients.py)."""
+    ingest = sub.add_parser("ingest", help="serve the HTTP API (uvicorn)")
+    ingest.add_argument("--host", default=None, help="default STREAMINFER_INGEST_HOST")
+    ingest.add_argument("--port", type=int, default=None, help="default STREAMINFER_INGEST_PORT")
+    ingest.add_argument("--workers", type=int, default=None, help="uvicorn worker processes")
+    produce = sub.add_parser("produce", help="send JSON-lines requests to inference.requests")
+    produce.add_argument("source", metavar="FILE|-", help="JSON lines file, or - for stdin")
+    results = sub.add_parser("results", help="print inference.results as JSON lines")
+    results.add_argument("--follow", action="store_true", help="keep printing new results")
+    results.add_argument(
+        "--from-beginning", action="store_true", help="with --follow: start at the oldest"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +162,48 @@ def _cmd_models(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.clients import run_ingest
+
+    return run_ingest(settings, args)
+
+
+def _cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.clients import produce_lines
+
+    return produce_lines(settings, args.source)
+
+
+def _cmd_results(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.clients import print_results
+
+    return print_results(settings, follow=args.follow, from_beginning=args.from_beginning)
+
+
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from bench.e2e import run_cli
+
+    return run_cli(settings, args)
+
+
+def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.backfill.cli import run_backfill
+
+    return run_backfill(settings, args)
+
+
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.backfill.cli import run_replay
+
+    return run_replay(settings, args)
+
+
+def _cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from ingest.backfill.cli import run_export
+
+    return run_export(settings, args)
+
+
 _HANDLERS = {
     "up": _cmd_up,
     "down": _cmd_down,
@@ -136,6 +213,13 @@ _HANDLERS = {
     "demo": _cmd_demo,
     "schemas": _cmd_schemas,
     "models": _cmd_models,
+    "ingest": _cmd_ingest,
+    "produce": _cmd_produce,
+    "results": _cmd_results,
+    "bench": _cmd_bench,
+    "backfill": _cmd_backfill,
+    "replay": _cmd_replay,
+    "export": _cmd_export,
 }
 
 if __name__ == "__main__":

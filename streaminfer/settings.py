@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     dlq_max_ratio: float = Field(default=0.5, gt=0, le=1, description="stop above this")
     dlq_window: int = Field(default=1000, ge=1, description="...of the last N records")
     dlq_min_records: int = Field(default=200, ge=1)
+    priority_max_live_lag: int = Field(
+        default=100, ge=0, description="validate pauses backfill while live lag exceeds this"
+    )
     batch_size: int = Field(default=500, ge=1, description="records per consume() call")
     batch_timeout_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")
     delivery_timeout_s: float = Field(default=30.0, gt=0)

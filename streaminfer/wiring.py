@@ -15,6 +15,7 @@ from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
 from stages.persist import PersistStage
+from stages.priority import PriorityGate
 from stages.runtime import Stage, StageRunner
 from stages.validate import ValidateStage
 from streaminfer.kafka import make_consumer, make_producer, transactional_producer_config
@@ -87,6 +88,18 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
             min_records=settings.dlq_min_records,
         ),
         metrics=metrics,
+        priority=priority_gate(settings, name),
+    )
+
+
+def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
+    """validate serves live requests first: backfill waits while they have a backlog."""
+    if name != "validate":
+        return None
+    return PriorityGate(
+        live_topics=[settings.topics.requests],
+        bulk_topics=[settings.topics.requests_backfill],
+        max_live_lag=settings.priority_max_live_lag,
     )
 
 
