@@ -17,9 +17,12 @@ rewinds to the committed offsets; fatal or fenced -> recreate the producer, then
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -28,6 +31,36 @@ from stages.records import Output
 
 log = logging.getLogger(__name__)
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+EXIT_STUCK: Final = 75  # EX_TEMPFAIL: restart me
+
+
+@contextmanager
+def _watchdog(limit_s: float) -> Iterator[None]:
+    """Exit the process if the block does not finish within ``limit_s``.
+
+    librdkafka can block in ``send_offsets_to_transaction`` past its timeout when the group
+    coordinator went away, e.g. after a single broker restarts (librdkafka issues #5456 and
+    #5511). A C call cannot be interrupted, and a stage stuck there holds its partitions and
+    an open transaction forever; exiting lets the supervisor (compose/k8s restart policy,
+    ``streaminfer up``) start a fresh worker, whose ``init_transactions`` fences this one and
+    aborts its transaction, so nothing is lost or doubled.
+    """
+
+    def expire() -> None:
+        log.critical(
+            "a transactional call blocked for %.0fs (librdkafka #5456/#5511); exiting so "
+            "that a restarted worker takes over",
+            limit_s,
+        )
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(limit_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class Committer(Protocol):
@@ -163,10 +196,11 @@ class TransactionalCommitter:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         try:
-            if offsets:
-                metadata = self._consumer.consumer_group_metadata()
-                self._producer.send_offsets_to_transaction(offsets, metadata, self._timeout_s)
-            self._commit_transaction()
+            with _watchdog(3 * self._timeout_s):
+                if offsets:
+                    metadata = self._consumer.consumer_group_metadata()
+                    self._producer.send_offsets_to_transaction(offsets, metadata, self._timeout_s)
+                self._commit_transaction()
         except KafkaException as exc:
             self._fail(exc)
         self._reset()
