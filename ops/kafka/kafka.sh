@@ -51,6 +51,8 @@ if [[ -z "${PYTHON:-}" ]] || ! command -v "$PYTHON" >/dev/null; then
 fi
 
 say() { echo "kafka: $*"; }
+# shellcheck source=ops/lib/proc.sh
+source "$here/../lib/proc.sh"
 die() {
     echo "kafka: $*" >&2
     exit 1
@@ -111,30 +113,8 @@ fetch() {
 
 # --- process helpers ----------------------------------------------------------------------
 
-# Prints the pid from the pid file if that process is alive and is our broker (a recycled
-# pid belonging to something else must never be signalled). Removes a stale pid file.
-our_pid() {
-    local pid
-    [[ -f "$pidfile" ]] || return 1
-    pid="$(cat "$pidfile")"
-    if [[ "$pid" =~ ^[0-9]+$ ]] && [[ -r "/proc/$pid/cmdline" ]] &&
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "kafka.Kafka $props"; then
-        echo "$pid"
-        return 0
-    fi
-    rm -f "$pidfile"
-    return 1
-}
-
-# Alive = exists and is not a zombie. Daemons here are reparented to PID 1, which may reap
-# exited children late; a zombie has finished and must not be waited for.
-alive() {
-    local state
-    state="$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null)" || return 1
-    [[ -n "$state" && "$state" != Z ]]
-}
-
-port_open() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
+# The pid from the pid file if that process is alive and is our broker.
+our_pid() { pid_matching "$pidfile" "kafka.Kafka $props"; }
 
 # One readiness check: a Metadata request answered (probe.py), or, with no Python at all,
 # "Kafka Server started" in this run's log plus an open client port.
@@ -142,7 +122,7 @@ ready() {
     if [[ -n "$PYTHON" ]]; then
         "$PYTHON" "$here/probe.py" "$host" "$port" 2 2>/dev/null
     else
-        grep -q "Kafka Server started" "$log" 2>/dev/null && port_open "$port"
+        grep -q "Kafka Server started" "$log" 2>/dev/null && port_open "$host" "$port"
     fi
 }
 
@@ -184,7 +164,7 @@ start() {
         fi
         say "pid $pid is running but not answering yet; waiting"
     else
-        if port_open "$port"; then
+        if port_open "$host" "$port"; then
             # Someone else's broker (another checkout, docker compose, ...): fine if it answers
             # a metadata request (without Python we cannot ask, and our log says nothing about it).
             [[ -n "$PYTHON" ]] || die "port $host:$port is already in use, and without python3 this script cannot check that it is a Kafka broker"
@@ -194,7 +174,7 @@ start() {
             fi
             die "port $host:$port is taken by something that does not answer Kafka metadata requests"
         fi
-        port_open "$cport" && die "controller port $host:$cport is already in use (set STREAMINFER_KAFKA_CONTROLLER_PORT)"
+        port_open "$host" "$cport" && die "controller port $host:$cport is already in use (set STREAMINFER_KAFKA_CONTROLLER_PORT)"
 
         fetch
         mkdir -p "$data"
@@ -251,16 +231,7 @@ stop() {
     fi
     say "stopping pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 300; i++)); do # 30 s: a controlled shutdown normally takes 1-3 s
-        alive "$pid" || break
-        sleep 0.1
-    done
-    if alive "$pid"; then
-        say "still running after 30s, sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        while alive "$pid"; do sleep 0.1; done
-    fi
+    await_exit "$pid" 30 # a controlled shutdown normally takes 1-3 s
     rm -f "$pidfile"
     say "stopped"
 }

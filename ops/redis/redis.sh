@@ -31,6 +31,8 @@ port="${STREAMINFER_REDIS_PORT:-6379}"
 start_timeout="${STREAMINFER_REDIS_START_TIMEOUT:-60}"
 
 say() { echo "redis: $*"; }
+# shellcheck source=ops/lib/proc.sh
+source "$here/../lib/proc.sh"
 die() {
     echo "redis: $*" >&2
     exit 1
@@ -51,30 +53,8 @@ Install redis-server (Debian/Ubuntu: apt-get install redis-server), or run the s
 
 ping() { [[ "$(redis-cli -h "$host" -p "$port" ping 2>/dev/null)" == "PONG" ]]; }
 
-# Alive = exists and is not a zombie. Daemons here are reparented to PID 1, which may reap
-# exited children late; a zombie has finished and must not be waited for.
-alive() {
-    local state
-    state="$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null)" || return 1
-    [[ -n "$state" && "$state" != Z ]]
-}
-
-port_open() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
-
-# The pid from the pid file if that process is alive and is a redis-server on our port
-# (never signal a recycled pid). Removes a stale pid file.
-our_pid() {
-    local pid
-    [[ -f "$pidfile" ]] || return 1
-    pid="$(cat "$pidfile")"
-    if [[ "$pid" =~ ^[0-9]+$ ]] && [[ -r "/proc/$pid/cmdline" ]] &&
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "redis-server $host:$port"; then
-        echo "$pid"
-        return 0
-    fi
-    rm -f "$pidfile"
-    return 1
-}
+# The pid from the pid file if that process is alive and is a redis-server on our port.
+our_pid() { pid_matching "$pidfile" "redis-server $host:$port"; }
 
 write_conf() {
     # Rendered on every start from these settings; edit here, not the rendered file.
@@ -89,7 +69,7 @@ pidfile $pidfile
 logfile $log
 loglevel notice
 dir $rdir
-# A development cache: no periodic snapshots (`stop` saves one), no AOF.
+# A development cache: no periodic snapshots (ops/redis/redis.sh stop saves one), no AOF.
 save ""
 appendonly no
 EOF
@@ -105,7 +85,7 @@ start() {
         say "pid $pid is running but not answering yet; waiting"
     else
         ensure_installed
-        if port_open "$port"; then
+        if port_open "$host" "$port"; then
             if ping; then
                 say "a Redis not started by this script is already answering on $host:$port; using it"
                 return 0
@@ -134,7 +114,7 @@ start() {
 }
 
 stop() {
-    local pid i
+    local pid
     if ! pid="$(our_pid)"; then
         say "not running"
         return 0
@@ -144,17 +124,9 @@ stop() {
     # lost; the next start loads dump.rdb from $rdir. (our_pid checked that our process owns
     # the port.) SIGTERM, which saves nothing here, is only the fallback.
     if ! redis-cli -h "$host" -p "$port" shutdown save >/dev/null 2>&1; then
-        alive "$pid" && kill -TERM "$pid" 2>/dev/null || true
+        if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
     fi
-    for ((i = 0; i < 150; i++)); do
-        alive "$pid" || break
-        sleep 0.1
-    done
-    if alive "$pid"; then
-        say "still running after 15s, sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        while alive "$pid"; do sleep 0.1; done
-    fi
+    await_exit "$pid" 15
     rm -f "$pidfile"
     say "stopped"
 }
