@@ -52,6 +52,10 @@ from stages.records import BatchOutcome, Record, Rejection
 
 log = logging.getLogger(__name__)
 
+# How long one loop waits for a first record when there is none: it bounds how late the
+# loop notices a stop request, a due commit or the end of a back-off.
+_IDLE_WAIT_S = 0.1
+
 
 class Stage(Protocol):
     """One pipeline step. Implementations: ``stages.validate``, ``stages.infer``,
@@ -181,10 +185,14 @@ class StageRunner:
             on_lost=self._on_lost,
         )
         log.info("%s: consuming %s", self._stage.name, ", ".join(self._input_topics))
+        if self._priority is not None:
+            self._priority.start()
         try:
             while not stop.is_set():
                 self.run_once()
         finally:
+            if self._priority is not None:
+                self._priority.close()
             self._committer.close()
             self._consumer.close()
             log.info("%s: closed", self._stage.name)
@@ -192,13 +200,13 @@ class StageRunner:
     def run_once(self) -> int:
         """Consume, process and publish one batch; returns the number of records consumed."""
         self._maybe_resume()
-        messages = self._consumer.consume(num_messages=self._batch_size, timeout=self._wait_s())
+        messages = self._consume()
         if self._rewind_needed:  # a rebalance callback aborted: replay from committed offsets
             self._rewind_to_committed()
             return 0
-        if self._priority is not None and self._paused_until is None:
-            self._priority.update(self._consumer, self.assigned)
         batch = [to_record(m) for m in messages if self._usable(m)]
+        if self._priority is not None and self._paused_until is None:
+            self._priority.update(self._consumer, self.assigned, (r.topic for r in batch))
         if not batch:
             self._commit_if_due()
             return 0
@@ -229,9 +237,27 @@ class StageRunner:
         for rejection in outcome.rejected:
             self._metrics.dead_lettered(rejection.reason)
 
-    def _wait_s(self) -> float:
+    def _consume(self) -> list[Message]:
+        """Wait for the first record (no longer than until a commit is due), then take what
+        else is queued, up to ``batch_size``, waiting at most ``batch_timeout_s`` for more.
+
+        Under load the queue is full and batches are full; at a trickle a record does not
+        wait for a batch to fill: ``consume(N, timeout)`` alone blocks until N records or
+        the timeout, which at 1,000 records/s cost each hop most of its timeout.
+        """
+        first = self._consumer.poll(self._idle_wait_s())
+        if first is None:
+            return []
+        if self._batch_size == 1:
+            return [first]
+        rest = self._consumer.consume(
+            num_messages=self._batch_size - 1, timeout=self._batch_timeout_s
+        )
+        return [first, *rest]
+
+    def _idle_wait_s(self) -> float:
         due = self._committer.commit_due_in()
-        return self._batch_timeout_s if due is None else min(self._batch_timeout_s, due)
+        return _IDLE_WAIT_S if due is None else min(_IDLE_WAIT_S, due)
 
     def _commit_if_due(self) -> None:
         if self._committer.commit_due_in() == 0.0:

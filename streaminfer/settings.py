@@ -72,8 +72,29 @@ class Settings(BaseSettings):
     priority_max_live_lag: int = Field(
         default=100, ge=0, description="validate pauses backfill while live lag exceeds this"
     )
-    batch_size: int = Field(default=500, ge=1, description="records per consume() call")
-    batch_timeout_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")
+    priority_max_downstream: int = Field(
+        default=1000,
+        ge=0,
+        description="while live requests flow, validate lets backfill in only while infer "
+        "and persist together have fewer records than this to do (0: no limit)",
+    )
+    priority_max_downstream_idle: int = Field(
+        default=5000,
+        ge=0,
+        description="the same limit when no live request came for priority_live_idle_s",
+    )
+    priority_live_idle_s: float = Field(
+        default=5.0, ge=0, description="live traffic counts as flowing this long after a request"
+    )
+    priority_poll_interval_s: float = Field(
+        default=0.1, gt=0, description="how often validate reads the downstream lag"
+    )
+    batch_size: int = Field(default=500, ge=1, description="most records per batch")
+    batch_timeout_s: float = Field(
+        default=0.005,
+        ge=0,
+        description="once a record is there, how long to wait for more to fill a batch",
+    )
     delivery_timeout_s: float = Field(default=30.0, gt=0)
     linger_ms: int = Field(default=5, ge=0)
 

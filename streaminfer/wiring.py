@@ -15,7 +15,7 @@ from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
 from stages.persist import PersistStage
-from stages.priority import PriorityGate
+from stages.priority import DownstreamBacklog, PriorityGate
 from stages.runtime import Stage, StageRunner
 from stages.validate import ValidateStage
 from streaminfer.kafka import make_consumer, make_producer, transactional_producer_config
@@ -93,14 +93,36 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
 
 
 def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
-    """validate serves live requests first: backfill waits while they have a backlog."""
+    """validate serves live requests first: backfill waits while they have a backlog, and
+    while infer and persist have ``priority_max_downstream`` records or more to do."""
     if name != "validate":
         return None
+    downstream = None
+    if settings.priority_max_downstream > 0:
+        watch = [
+            (settings.group_id("infer"), settings.topics.validated),
+            (settings.group_id("persist"), settings.topics.results),
+        ]
+        downstream = DownstreamBacklog(
+            consumers={group: lag_reader(settings, group) for group, _topic in watch},
+            watch=watch,
+            interval_s=settings.priority_poll_interval_s,
+        )
     return PriorityGate(
         live_topics=[settings.topics.requests],
         bulk_topics=[settings.topics.requests_backfill],
         max_live_lag=settings.priority_max_live_lag,
+        downstream=downstream,
+        max_downstream=settings.priority_max_downstream,
+        max_downstream_idle=settings.priority_max_downstream_idle,
+        live_idle_s=settings.priority_live_idle_s,
     )
+
+
+def lag_reader(settings: Settings, group: str) -> Consumer:
+    """A consumer that only reads ``group``'s committed offsets and the end offsets of its
+    topics (never subscribes, so never joins the group)."""
+    return make_consumer(settings, group_id=group, **{"isolation.level": "read_uncommitted"})
 
 
 def make_committer(

@@ -1,13 +1,20 @@
-"""validate serves live requests before backfill ones while live has a backlog."""
+"""validate serves live requests before backfill ones, and lets backfill in only as fast as
+infer and persist take it."""
 
 from __future__ import annotations
+
+import threading
+import time
+import uuid
 
 import pytest
 
 from ingest.producer import RequestProducer
-from schemas import Codec, ValidatedRequestV1
-from streaminfer.kafka import make_producer
+from schemas import Codec, StoredV1, ValidatedRequestV1
+from stages.priority import DownstreamBacklog
+from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
+from streaminfer.wiring import lag_reader
 from tests.fixtures import StageProcesses, read_topic
 from tests.helpers import digits_request, holdout
 
@@ -27,6 +34,8 @@ def test_backfill_waits_while_live_requests_have_a_backlog(
     settings: Settings, stages: StageProcesses, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STREAMINFER_BATCH_SIZE", "500")
+    # validate alone here: the downstream rule (no infer to take the records) is tested below.
+    monkeypatch.setenv("STREAMINFER_PRIORITY_MAX_DOWNSTREAM", "0")
     # Both backlogs exist before validate starts. Without priority, fetches interleave the
     # two topics: measured here, 24,429 of the 30,000 backfill requests were validated before
     # the last live one. With it, only what was fetched before the first lag reading (a few
@@ -45,3 +54,68 @@ def test_backfill_waits_while_live_requests_have_a_backlog(
         1 for v in validated if v.id.startswith("bulk-") and v.validated_at < last_live
     )
     assert bulk_before < LIVE // 2, f"{bulk_before} backfill requests went before live ones"
+
+
+class LiveTrickle(threading.Thread):
+    """Live requests at about ``rate`` per second until stopped."""
+
+    def __init__(self, settings: Settings, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.stop, self.sent, self._rate = threading.Event(), 0, rate
+        self._sender = RequestProducer(
+            producer=make_producer(settings), topic=settings.topics.requests
+        )
+
+    def run(self) -> None:
+        features, _ = holdout()
+        started = time.monotonic()
+        while not self.stop.wait(max(0.0, started + self.sent / self._rate - time.monotonic())):
+            x = features[self.sent % len(features)]
+            self._sender.send(digits_request(x, request_id=f"live-{self.sent}"))
+            self.sent += 1
+        assert self._sender.flush() == 0
+
+
+def test_backfill_enters_only_as_fast_as_downstream_takes_it(
+    settings: Settings, stages: StageProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit, batch, bulk = 300, 200, 20_000
+    monkeypatch.setenv("STREAMINFER_PRIORITY_MAX_DOWNSTREAM", str(limit))
+    monkeypatch.setenv("STREAMINFER_PRIORITY_MAX_DOWNSTREAM_IDLE", str(limit))
+    monkeypatch.setenv("STREAMINFER_BATCH_SIZE", str(batch))
+    _send(settings, settings.topics.requests_backfill, "bulk", bulk)
+    for name in ("infer", "persist", "validate"):
+        stages.start(name)
+    live = LiveTrickle(settings, rate=100)
+    live.start()
+    # The test reads the downstream backlog the way validate does.
+    watch = [
+        (settings.group_id("infer"), settings.topics.validated),
+        (settings.group_id("persist"), settings.topics.results),
+    ]
+    probe = DownstreamBacklog(
+        consumers={group: lag_reader(settings, group) for group, _t in watch},
+        watch=watch,
+        interval_s=0.05,
+    )
+    samples: list[int] = []
+    stored = 0
+    codec = Codec(StoredV1)
+    reader = make_consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
+    reader.subscribe([settings.topics.stored])
+    deadline = time.monotonic() + 240
+    while stored < bulk and time.monotonic() < deadline:
+        samples.append(probe.read())
+        for m in reader.consume(1000, timeout=0.05):
+            if m.error() is None and codec.decode(m.value() or b"").id.startswith("bulk-"):
+                stored += 1
+    reader.close()
+    probe.close()
+    live.stop.set()
+    live.join()
+    assert stored == bulk, f"{stored} of {bulk} backfill requests stored"
+    # Without the rule validate forwards the backfill at its own pace and thousands wait
+    # downstream. With it: the limit, plus the batch that crossed it and one more (records
+    # validate took before a reading but had not produced yet), plus live requests.
+    assert max(samples) <= limit + 2 * batch + 200, f"downstream backlog reached {max(samples)}"
+    assert len(samples) > 20, "too few readings to say anything"
