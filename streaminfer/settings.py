@@ -73,10 +73,11 @@ class Settings(BaseSettings):
         default=100, ge=0, description="validate pauses backfill while live lag exceeds this"
     )
     priority_max_downstream: int = Field(
-        default=1000,
+        default=200,
         ge=0,
         description="while live requests flow, validate lets backfill in only while infer "
-        "and persist together have fewer records than this to do (0: no limit)",
+        "and persist together have fewer than this many records to do on top of live "
+        "traffic's own share (0: no limit)",
     )
     priority_max_downstream_idle: int = Field(
         default=5000,

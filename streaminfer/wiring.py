@@ -99,15 +99,7 @@ def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
         return None
     downstream = None
     if settings.priority_max_downstream > 0:
-        watch = [
-            (settings.group_id("infer"), settings.topics.validated),
-            (settings.group_id("persist"), settings.topics.results),
-        ]
-        downstream = DownstreamBacklog(
-            consumers={group: lag_reader(settings, group) for group, _topic in watch},
-            watch=watch,
-            interval_s=settings.priority_poll_interval_s,
-        )
+        downstream = downstream_backlog(settings, interval_s=settings.priority_poll_interval_s)
     return PriorityGate(
         live_topics=[settings.topics.requests],
         bulk_topics=[settings.topics.requests_backfill],
@@ -119,10 +111,19 @@ def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
     )
 
 
-def lag_reader(settings: Settings, group: str) -> Consumer:
-    """A consumer that only reads ``group``'s committed offsets and the end offsets of its
-    topics (never subscribes, so never joins the group)."""
-    return make_consumer(settings, group_id=group, **{"isolation.level": "read_uncommitted"})
+def downstream_backlog(settings: Settings, *, interval_s: float) -> DownstreamBacklog:
+    """Reads what infer and persist have still to do: their groups' lag on their inputs."""
+    watch = [
+        (settings.group_id("infer"), settings.topics.validated),
+        (settings.group_id("persist"), settings.topics.results),
+    ]
+    # Plain consumers that only read the groups' committed offsets and the topics' end
+    # offsets: never subscribed, so they never join the groups.
+    readers = {
+        group: make_consumer(settings, group_id=group, **{"isolation.level": "read_uncommitted"})
+        for group, _topic in watch
+    }
+    return DownstreamBacklog(consumers=readers, watch=watch, interval_s=interval_s)
 
 
 def make_committer(

@@ -11,10 +11,9 @@ import pytest
 
 from ingest.producer import RequestProducer
 from schemas import Codec, StoredV1, ValidatedRequestV1
-from stages.priority import DownstreamBacklog
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
-from streaminfer.wiring import lag_reader
+from streaminfer.wiring import downstream_backlog
 from tests.fixtures import StageProcesses, read_topic
 from tests.helpers import digits_request, holdout
 
@@ -89,15 +88,7 @@ def test_backfill_enters_only_as_fast_as_downstream_takes_it(
     live = LiveTrickle(settings, rate=100)
     live.start()
     # The test reads the downstream backlog the way validate does.
-    watch = [
-        (settings.group_id("infer"), settings.topics.validated),
-        (settings.group_id("persist"), settings.topics.results),
-    ]
-    probe = DownstreamBacklog(
-        consumers={group: lag_reader(settings, group) for group, _t in watch},
-        watch=watch,
-        interval_s=0.05,
-    )
+    probe = downstream_backlog(settings, interval_s=0.05)
     samples: list[int] = []
     stored = 0
     codec = Codec(StoredV1)

@@ -129,3 +129,19 @@ def test_no_bulk_partition_assigned_means_nothing_to_pause() -> None:
     backlog.set(backlog=10_000, admitted_before=0)
     g.update(consumer, {(LIVE, 0)})
     assert consumer.paused == set()
+
+
+def test_live_traffic_in_flight_does_not_eat_the_backfill_allowance() -> None:
+    consumer, backlog = Consumer(), Backlog()
+    g = gate(backlog, max_downstream=200, live_idle_s=60.0)
+    g._measure_live_rate(0.0, 0)
+    g._measure_live_rate(1.0, 3000)  # 3,000 live records/s: ~300 of them downstream
+    assert g.live_rate == 3000
+    g.update(consumer, ASSIGNED)
+    consumer.ends[LIVE] = consumer.positions[LIVE] = 5  # live arriving, no lag
+    backlog.set(backlog=450, admitted_before=0)  # 300 live + 150 backfill
+    g.update(consumer, ASSIGNED)
+    assert consumer.paused == set()
+    backlog.set(backlog=520, admitted_before=0)  # 300 live + 220 backfill
+    g.update(consumer, ASSIGNED)
+    assert consumer.paused == {BULK}
