@@ -30,6 +30,7 @@ class Load:
         self.sent = 0
         self.undelivered = -1
         self._sender: RequestProducer | None = None
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Load:
@@ -46,11 +47,15 @@ class Load:
         for i, request_id in enumerate(self.ids):
             # Pace against the clock, not with fixed sleeps, so the rate holds under load.
             ahead = started + i / self.rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
+            if self._stopped.wait(max(0.0, ahead)):
+                break
             sender.send(digits_request(features[i % len(features)], request_id=request_id))
             self.sent = i + 1
         self.undelivered = sender.flush(200)
+
+    def stop(self) -> None:
+        """Send no more (of ``ids``, only the first ``sent`` went out)."""
+        self._stopped.set()
 
     def wait_sent(self, fraction: float, timeout_s: float = 60) -> None:
         target = int(len(self.ids) * fraction)

@@ -3,7 +3,6 @@ infer and persist take it."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -14,6 +13,7 @@ from schemas import Codec, StoredV1, ValidatedRequestV1
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
 from streaminfer.wiring import downstream_backlog
+from tests.faults.harness import Load
 from tests.fixtures import StageProcesses, read_topic
 from tests.helpers import digits_request, holdout
 
@@ -55,26 +55,6 @@ def test_backfill_waits_while_live_requests_have_a_backlog(
     assert bulk_before < LIVE // 2, f"{bulk_before} backfill requests went before live ones"
 
 
-class LiveTrickle(threading.Thread):
-    """Live requests at about ``rate`` per second until stopped."""
-
-    def __init__(self, settings: Settings, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.stop, self.sent, self._rate = threading.Event(), 0, rate
-        self._sender = RequestProducer(
-            producer=make_producer(settings), topic=settings.topics.requests
-        )
-
-    def run(self) -> None:
-        features, _ = holdout()
-        started = time.monotonic()
-        while not self.stop.wait(max(0.0, started + self.sent / self._rate - time.monotonic())):
-            x = features[self.sent % len(features)]
-            self._sender.send(digits_request(x, request_id=f"live-{self.sent}"))
-            self.sent += 1
-        assert self._sender.flush() == 0
-
-
 def test_backfill_enters_only_as_fast_as_downstream_takes_it(
     settings: Settings, stages: StageProcesses, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,8 +65,7 @@ def test_backfill_enters_only_as_fast_as_downstream_takes_it(
     _send(settings, settings.topics.requests_backfill, "bulk", bulk)
     for name in ("infer", "persist", "validate"):
         stages.start(name)
-    live = LiveTrickle(settings, rate=100)
-    live.start()
+    live = Load(settings, count=100_000, rate=100, tag="live").start()  # stopped below
     # The test reads the downstream backlog the way validate does.
     probe = downstream_backlog(settings, interval_s=0.05)
     samples: list[int] = []
@@ -102,7 +81,7 @@ def test_backfill_enters_only_as_fast_as_downstream_takes_it(
                 stored += 1
     reader.close()
     probe.close()
-    live.stop.set()
+    live.stop()
     live.join()
     assert stored == bulk, f"{stored} of {bulk} backfill requests stored"
     # Without the rule validate forwards the backfill at its own pace and thousands wait
