@@ -195,13 +195,15 @@ class PriorityGate:
         if not bulk:
             return
         live = [TopicPartition(t, p) for t, p in assigned if t in self._live]
-        lag, end = self.live_lag(consumer, live)
+        lag, end = self.live_lag(consumer, live)  # lag None: not known yet
         now = time.monotonic()
         if self._live_end is not None and end != self._live_end:
             self._live_seen_at = now  # live requests arrived since the last look
         self._live_end = end
         self._measure_live_rate(now, end)
-        if lag > self._max_lag:
+        if lag is None or lag > self._max_lag:
+            # Unknown (a live partition not fetched yet, e.g. just after start or a
+            # rebalance) counts as a backlog: otherwise backfill fetched first goes first.
             self._live_blocked = True
         elif lag <= self._max_lag // 2:
             self._live_blocked = False
@@ -257,16 +259,20 @@ class PriorityGate:
             consumer.pause(bulk)
 
     @staticmethod
-    def live_lag(consumer: Consumer, live: list[TopicPartition]) -> tuple[int, int]:
+    def live_lag(consumer: Consumer, live: list[TopicPartition]) -> tuple[int | None, int]:
         """(records not consumed yet, sum of end offsets) of the ``live`` partitions, from the
-        watermarks cached by the last fetches."""
-        lag = end = 0
+        watermarks cached by the last fetches; the lag is None while any of them has not
+        been fetched yet."""
+        lag: int | None = 0
+        end = 0
         for tp in consumer.position(live) if live else []:
             low, high = consumer.get_watermark_offsets(tp, cached=True)
             if high < 0:
-                continue  # not fetched yet: nothing known
+                lag = None  # not fetched yet: its backlog is unknown
+                continue
             # Nothing consumed from it yet (fresh group): its whole content is backlog.
             start = tp.offset if tp.offset >= 0 else max(low, 0)
-            lag += max(0, high - start)
+            if lag is not None:
+                lag += max(0, high - start)
             end += high
         return lag, end

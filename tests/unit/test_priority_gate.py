@@ -75,6 +75,16 @@ def test_live_lag_pauses_backfill_until_it_is_under_half() -> None:
     assert consumer.paused == set()
 
 
+def test_backfill_waits_until_the_live_backlog_is_known() -> None:
+    consumer, g = Consumer(), gate()
+    consumer.ends[LIVE] = -1  # librdkafka's cached watermark before the first fetch
+    g.update(consumer, ASSIGNED)
+    assert consumer.paused == {BULK}
+    consumer.ends[LIVE] = 0  # fetched: nothing waiting
+    g.update(consumer, ASSIGNED)
+    assert consumer.paused == set()
+
+
 def test_a_full_downstream_pauses_backfill_even_without_live_lag() -> None:
     consumer, backlog = Consumer(), Backlog()
     g = gate(backlog)
