@@ -49,7 +49,7 @@ from confluent_kafka import TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ingest.backfill.topics import range_reader, watermarks  # noqa: E402
+from backfill.topics import range_reader, watermarks  # noqa: E402
 from ingest.producer import RequestProducer  # noqa: E402
 from schemas import Codec, RequestV1, StoredV1, tensor_from_array  # noqa: E402
 from streaminfer.kafka import create_topics, make_admin, make_producer  # noqa: E402

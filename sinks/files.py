@@ -1,29 +1,12 @@
-"""File sink: one backfill's results from ``inference.results`` to Parquet or JSON lines.
+"""File writers: results to Parquet or JSON lines, written aside and renamed on close.
 
-``streaminfer export --backfill-id ID --to FILE`` reads ``inference.results`` from the
-beginning up to its end offsets at the start (``read_committed``), keeps the results whose
-``attributes.backfill_id`` is ID, and writes one row per input: a result id seen twice (a
-resumed backfill re-sends the rows Kafka acknowledged after its last checkpoint, and the
-``at-least-once`` guarantee may repeat results) is written once and counted as a duplicate.
-Rows are in topic order; ``file`` and ``row`` join them back to the input.
-
-Columns: ``id, backfill_id, file, row, original_id`` (replays), ``model, model_version,
-label, scores`` (label -> score), ``created_at, inferred_at`` (epoch s) and one
-``output_<name>`` per model output (a scalar, or the flattened values).
-
-Completeness comes from the checkpoint: every row of its done prefix was either rejected
-(the rejects report), or acknowledged by Kafka and so must end up as a result or in
-``inference.dlq`` (found by the ``backfill_id`` attribute of the dead-lettered record, best
-effort). ``--wait S`` keeps reading both topics until nothing is missing or S seconds pass.
-The file is written aside and renamed when the export ends: a file under the name given is
-never half-written.
+``backfill.export`` uses them to write one backfill's results; nothing under the final name
+is ever half-written.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -32,16 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
-from confluent_kafka import Consumer, Message
 
-from ingest.backfill.checkpoint import read_rejects
-from ingest.backfill.completeness import ExportReport, ExportTally, SourceTally, report_for
-from ingest.backfill.plan import UsageError, checkpoint_store
-from ingest.backfill.topics import PartitionRange, decode_head, range_reader, watermarks
-from schemas import Codec, DecodeError, ResultV1, tensor_to_array
-from streaminfer.settings import Settings
+from schemas import ResultV1, tensor_to_array
 
-_FOLLOW_END: Final = 1 << 62  # "no end": --wait reads whatever arrives
+
+class DestinationError(ValueError):
+    """The export destination names no supported format or a directory that does not exist."""
 
 
 # --- writers ------------------------------------------------------------------------------
@@ -66,11 +45,11 @@ class ResultWriter(Protocol):
 
 
 def check_destination(path: Path) -> None:
-    """:class:`UsageError` unless ``path`` names a format and a directory that exist."""
+    """:class:`DestinationError` unless ``path`` names a format and a directory that exist."""
     if path.suffix.lower() not in (".parquet", ".jsonl", ".ndjson"):
-        raise UsageError(f"{path}: export writes *.parquet or *.jsonl")
+        raise DestinationError(f"{path}: export writes *.parquet or *.jsonl")
     if not path.parent.is_dir():
-        raise UsageError(f"{path.parent}: no such directory")
+        raise DestinationError(f"{path.parent}: no such directory")
 
 
 def open_writer(path: Path) -> ResultWriter:
@@ -207,103 +186,3 @@ def _output_array(values: list[npt.NDArray[Any]]) -> pa.Array:
     flat = stacked.reshape(len(values), -1)
     offsets = np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))
-
-
-# --- the export ---------------------------------------------------------------------------
-
-
-def export_backfill(
-    settings: Settings,
-    backfill_id: str,
-    to: Path,
-    *,
-    wait_s: float = 0.0,
-    show: int = 20,
-    clock: Callable[[], float] = time.monotonic,
-) -> ExportReport:
-    """Write ``backfill_id``'s results to ``to`` and check them against its checkpoint."""
-    store = checkpoint_store(settings)
-    if not store.exists(backfill_id):
-        raise UsageError(f"no checkpoint for {backfill_id} in {store.directory}")
-    checkpoint = store.load(backfill_id)
-    rejected_rows: dict[str, list[int]] = {}
-    for line in read_rejects(store.rejects_path(backfill_id)):
-        rejected_rows.setdefault(line.source, []).append(line.row)
-    tally = ExportTally(
-        backfill_id=backfill_id,
-        sources={
-            s.name: SourceTally.of(s, backfill_id, rejected_rows.get(s.name, []))
-            for s in checkpoint.sources
-        },
-        rejected=checkpoint.rejected,
-    )
-    writer = open_writer(to)
-    try:
-        _Export(settings, tally, writer).run(wait_s=wait_s, clock=clock)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    return report_for(checkpoint, tally, to, show)
-
-
-class _Export:
-    """Reads results and dead letters into the tally and the writer."""
-
-    def __init__(self, settings: Settings, tally: ExportTally, writer: ResultWriter) -> None:
-        self._tally = tally
-        self._writer = writer
-        self._results = Codec(ResultV1)
-        self._ranges = {
-            "results": self._range(settings, settings.topics.results),
-            "dlq": self._range(settings, settings.topics.dlq),
-        }
-
-    @staticmethod
-    def _range(settings: Settings, topic: str) -> tuple[PartitionRange, Consumer]:
-        consumer = range_reader(settings)
-        marks = watermarks(consumer, topic)
-        starts = {p: low for p, (low, _high) in marks.items()}
-        ends = {p: high for p, (_low, high) in marks.items()}
-        return PartitionRange(consumer, topic, starts, ends), consumer
-
-    def run(self, *, wait_s: float, clock: Callable[[], float]) -> None:
-        try:
-            for batch in self._ranges["results"][0].batches():
-                self._add_results(batch)
-            for batch in self._ranges["dlq"][0].batches():
-                self._add_dead_letters(batch)
-            if wait_s > 0 and not self._tally.complete():
-                self._follow(clock() + wait_s, clock)
-        finally:
-            for _range, consumer in self._ranges.values():
-                consumer.close()
-
-    def _follow(self, deadline: float, clock: Callable[[], float]) -> None:
-        """Read on as records arrive (each read blocks up to 0.5 s) until complete."""
-        results, dlq = self._ranges["results"][0], self._ranges["dlq"][0]
-        for window in (results, dlq):
-            window.extend({p: _FOLLOW_END for p in window.partitions})
-        while not self._tally.complete() and clock() < deadline:
-            self._add_results(results.read(timeout_s=0.5))
-            self._add_dead_letters(dlq.read(timeout_s=0))
-
-    def _add_results(self, batch: list[Message]) -> None:
-        for message in batch:
-            head = decode_head(message.value())
-            if head is None or head.attributes.get("backfill_id") != self._tally.backfill_id:
-                continue
-            if not self._tally.first_time(head.id, head.attributes):
-                self._tally.duplicates += 1
-                continue
-            try:
-                self._writer.add(self._results.decode(message.value() or b""))
-            except DecodeError:
-                continue  # a request-shaped record on the results topic: not a result
-            self._tally.written += 1
-
-    def _add_dead_letters(self, batch: list[Message]) -> None:
-        for message in batch:
-            head = decode_head(message.value())  # the original request, best effort
-            if head is not None and head.attributes.get("backfill_id") == self._tally.backfill_id:
-                self._tally.dead_letter(head.id, head.attributes, message)

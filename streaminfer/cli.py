@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ingest.backfill.cli import add_parsers as add_backfill_parsers
+from backfill.cli import add_parsers as add_backfill_parsers
 from streaminfer.settings import Settings
 from streaminfer.wiring import STAGE_NAMES
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="models, versions and input signatures")
     _add_client_parsers(sub)
-    add_backfill_parsers(sub)  # backfill, replay, export (ingest/backfill/cli.py)
+    add_backfill_parsers(sub)  # backfill, replay, export (backfill/cli.py)
     _add_bench_parser(sub)
     return parser
 
@@ -187,19 +187,19 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.backfill.cli import run_backfill
+    from backfill.cli import run_backfill
 
     return run_backfill(settings, args)
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.backfill.cli import run_replay
+    from backfill.cli import run_replay
 
     return run_replay(settings, args)
 
 
 def _cmd_export(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.backfill.cli import run_export
+    from backfill.cli import run_export
 
     return run_export(settings, args)
 

@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
         return [key.strip() for key in raw.split(",") if key.strip()]
 
-    # --- Backfills (ingest/backfill/, `streaminfer backfill|replay|export`) ---
+    # --- Backfills (backfill/, `streaminfer backfill|replay|export`) ---
     backfill_checkpoint_dir: Path | None = Field(
         default=None, description="checkpoints and reject reports (default <home>/backfills)"
     )

@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Message, Producer
 
-from ingest.backfill.checkpoint import CheckpointStore, read_rejects
-from ingest.backfill.completeness import ExportReport
-from ingest.backfill.ids import file_key, request_id
-from ingest.backfill.plan import checkpoint_store
-from ingest.backfill.topics import (
+from backfill.checkpoint import CheckpointStore, read_rejects
+from backfill.completeness import ExportReport
+from backfill.export import export_backfill
+from backfill.ids import file_key, request_id
+from backfill.plan import checkpoint_store
+from backfill.topics import (
     PartitionRange,
     RecordHead,
     decode_head,
@@ -38,7 +39,6 @@ from ingest.backfill.topics import (
     watermarks,
 )
 from schemas import Headers
-from sinks.files import export_backfill
 from streaminfer.cli import main
 from streaminfer.kafka import create_topics, make_producer
 from streaminfer.settings import Settings

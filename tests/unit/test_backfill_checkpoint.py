@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.backfill.checkpoint import (
+from backfill.checkpoint import (
     Checkpoint,
     CheckpointStore,
     PrefixTracker,
@@ -18,14 +18,14 @@ from ingest.backfill.checkpoint import (
     read_rejects,
     write_atomically,
 )
-from ingest.backfill.ids import (
+from backfill.ids import (
     check_backfill_id,
     file_key,
     new_backfill_id,
     replay_request_id,
     request_id,
 )
-from ingest.backfill.pacing import TokenBucket
+from backfill.pacing import TokenBucket
 
 
 def state(**fields: object) -> SourceState:

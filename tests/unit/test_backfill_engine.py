@@ -17,16 +17,16 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
-from ingest.backfill.checkpoint import (
+from backfill.checkpoint import (
     Checkpoint,
     CheckpointStore,
     RejectReport,
     SourceState,
     read_rejects,
 )
-from ingest.backfill.convert import Reject
-from ingest.backfill.engine import BackfillRun, Item
-from ingest.backfill.pacing import ProgressLine
+from backfill.convert import Reject
+from backfill.engine import BackfillRun, Item
+from backfill.pacing import ProgressLine
 from schemas import RequestV1
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.backfill.checkpoint import Checkpoint, SourceState
-from ingest.backfill.completeness import ExportTally, SourceTally, report_for
-from ingest.backfill.ids import request_id
+from backfill.checkpoint import Checkpoint, SourceState
+from backfill.completeness import ExportTally, SourceTally, report_for
+from backfill.ids import request_id
 from schemas import Headers, ResultV1, tensor_from_array
 from sinks.files import JsonLinesResultWriter, ParquetResultWriter, open_writer
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.backfill.plan import UsageError, checkpoint_store, plan_files
+from backfill.plan import UsageError, checkpoint_store, plan_files
 from streaminfer.cli import build_parser, main
 from streaminfer.settings import Settings
 from tests.helpers import holdout

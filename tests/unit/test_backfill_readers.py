@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.backfill.convert import Chunk, Reject
-from ingest.backfill.mapping import (
+from backfill.convert import Chunk, Reject
+from backfill.mapping import (
     WHOLE_RECORD,
     MappingError,
     parse_columns_option,
     plan_mapping,
 )
-from ingest.backfill.readers import (
+from backfill.readers import (
     CsvReader,
     JsonLinesReader,
     ParquetReader,

@@ -3,7 +3,7 @@ convert, a :class:`Reject` for each row that does not.
 
 Arrow batches (CSV, Parquet) are converted a whole column at a time; only a batch holding a
 value that does not convert is redone row by row, to name the rows. JSON records are
-converted row by row. Both follow :mod:`ingest.backfill.mapping`'s rules.
+converted row by row. Both follow :mod:`backfill.mapping`'s rules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.backfill.mapping import (
+from backfill.mapping import (
     WHOLE_RECORD,
     Array,
     InputColumns,

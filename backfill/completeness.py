@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import Message
 
-from ingest.backfill.checkpoint import Checkpoint, SourceState
-from ingest.backfill.ids import replay_request_id, request_id
+from backfill.checkpoint import Checkpoint, SourceState
+from backfill.ids import replay_request_id, request_id
 from schemas import Headers
 
 _DETAILS_KEPT: Final = 10_000  # dead-letter details kept for listing (counts are exact)

@@ -11,12 +11,12 @@ from typing import cast
 
 import numpy as np
 
-from ingest.backfill.checkpoint import SourceState
-from ingest.backfill.convert import Chunk, Reject
-from ingest.backfill.engine import Item
-from ingest.backfill.ids import file_key, request_id
-from ingest.backfill.mapping import Mapping
-from ingest.backfill.readers import FileReader
+from backfill.checkpoint import SourceState
+from backfill.convert import Chunk, Reject
+from backfill.engine import Item
+from backfill.ids import file_key, request_id
+from backfill.mapping import Mapping
+from backfill.readers import FileReader
 from schemas import RequestV1, Tensor
 from schemas.messages import DType
 

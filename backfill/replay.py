@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, Message
 
-from ingest.backfill.checkpoint import SourceState
-from ingest.backfill.convert import Reject
-from ingest.backfill.engine import Item
-from ingest.backfill.ids import replay_request_id
-from ingest.backfill.topics import PartitionRange, offsets_at, watermarks
+from backfill.checkpoint import SourceState
+from backfill.convert import Reject
+from backfill.engine import Item
+from backfill.ids import replay_request_id
+from backfill.topics import PartitionRange, offsets_at, watermarks
 from schemas import Codec, DecodeError, RequestV1
 
 

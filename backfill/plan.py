@@ -16,15 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ingest.backfill.checkpoint import Checkpoint, CheckpointStore, RejectReport, SourceState
-from ingest.backfill.engine import BackfillRun, Source
-from ingest.backfill.files import FileSource, fingerprint, new_file_state
-from ingest.backfill.ids import check_backfill_id, new_backfill_id
-from ingest.backfill.mapping import MappingError, parse_columns_option, plan_mapping
-from ingest.backfill.pacing import ProgressLine, TokenBucket
-from ingest.backfill.readers import FORMATS, FileReader, Format, detect_format, open_reader
-from ingest.backfill.replay import ReplaySource, parse_timestamp, window_sources
-from ingest.backfill.topics import DeadLetterWatcher, range_reader
+from backfill.checkpoint import Checkpoint, CheckpointStore, RejectReport, SourceState
+from backfill.engine import BackfillRun, Source
+from backfill.files import FileSource, fingerprint, new_file_state
+from backfill.ids import check_backfill_id, new_backfill_id
+from backfill.mapping import MappingError, parse_columns_option, plan_mapping
+from backfill.pacing import ProgressLine, TokenBucket
+from backfill.readers import FORMATS, FileReader, Format, detect_format, open_reader
+from backfill.replay import ReplaySource, parse_timestamp, window_sources
+from backfill.topics import DeadLetterWatcher, range_reader
 from stages.models import ModelSpec
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings

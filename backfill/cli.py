@@ -16,9 +16,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ingest.backfill.checkpoint import Checkpoint, CheckpointStore
-    from ingest.backfill.engine import RunOutcome
-    from ingest.backfill.plan import Plan
+    from backfill.checkpoint import Checkpoint, CheckpointStore
+    from backfill.engine import RunOutcome
+    from backfill.plan import Plan
     from streaminfer.settings import Settings
 
 EXIT_USAGE = 2
@@ -77,19 +77,19 @@ def _add_run_options(parser: argparse.ArgumentParser, id_flag: str) -> None:
 
 
 def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.backfill.plan import plan_files
+    from backfill.plan import plan_files
 
     return _guarded(lambda: _run(settings, args, plan_files))
 
 
 def run_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from ingest.backfill.plan import plan_replay
+    from backfill.plan import plan_replay
 
     return _guarded(lambda: _run(settings, args, plan_replay))
 
 
 def run_export(settings: Settings, args: argparse.Namespace) -> int:
-    from sinks.files import check_destination, export_backfill
+    from backfill.export import check_destination, export_backfill
 
     def body() -> int:
         check_destination(args.to)
@@ -103,8 +103,8 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _guarded(body: Callable[[], int]) -> int:
-    from ingest.backfill.mapping import MappingError
-    from ingest.backfill.plan import UsageError
+    from backfill.mapping import MappingError
+    from backfill.plan import UsageError
     from stages.models import UnknownModel
 
     try:
@@ -119,7 +119,7 @@ def _run(
     args: argparse.Namespace,
     plan: Callable[[Settings, argparse.Namespace], Plan],
 ) -> int:
-    from ingest.backfill.plan import start_run
+    from backfill.plan import start_run
 
     planned = plan(settings, args)
     stop = threading.Event()

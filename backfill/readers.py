@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from ingest.backfill.convert import Chunk, Reject, arrow_chunk, empty_inputs, records_chunk
-from ingest.backfill.mapping import WHOLE_RECORD, Mapping, MappingError
+from backfill.convert import Chunk, Reject, arrow_chunk, empty_inputs, records_chunk
+from backfill.mapping import WHOLE_RECORD, Mapping, MappingError
 
 Format = Literal["csv", "jsonl", "parquet"]
 FORMATS: Final[tuple[Format, ...]] = ("csv", "jsonl", "parquet")

@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from ingest.backfill.checkpoint import (
+from backfill.checkpoint import (
     Checkpoint,
     CheckpointStore,
     PrefixTracker,
@@ -31,8 +31,8 @@ from ingest.backfill.checkpoint import (
     RejectReport,
     SourceState,
 )
-from ingest.backfill.convert import Reject
-from ingest.backfill.pacing import ProgressLine, Snapshot, TokenBucket
+from backfill.convert import Reject
+from backfill.pacing import ProgressLine, Snapshot, TokenBucket
 from schemas import Codec, Headers, RequestV1
 from schemas.messages import SCHEMA_NAMES
 from stages.records import HeaderList, new_traceparent
