@@ -46,7 +46,7 @@ class Plan:
 
 
 def checkpoint_store(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.backfill_checkpoint_dir or settings.home / "backfills")
+    return CheckpointStore(settings.backfill.checkpoint_dir or settings.home / "backfills")
 
 
 def plan_files(settings: Settings, args: argparse.Namespace) -> Plan:
@@ -136,8 +136,8 @@ def start_run(
         progress=ProgressLine(f"{'backfill' if checkpoint.kind == 'files' else 'replay'} {bid}"),
         pacer=TokenBucket(rate) if rate else None,
         dead_letters=dead_letters,
-        checkpoint_interval_s=settings.backfill_checkpoint_interval_s,
-        drain_timeout_s=settings.delivery_timeout_s + 10,
+        checkpoint_interval_s=settings.backfill.checkpoint_interval_s,
+        drain_timeout_s=settings.kafka.delivery_timeout_s + 10,
     )
     try:
         yield run
@@ -211,7 +211,7 @@ def _readers(paths: list[str], fmt: str, settings: Settings) -> list[FileReader]
     resolved = [f.resolve() for f in files]
     if len(set(resolved)) != len(resolved):
         raise UsageError("a file is listed twice")
-    rows = settings.backfill_batch_rows
+    rows = settings.backfill.batch_rows
     return [open_reader(f, _format(f, fmt), batch_rows=rows) for f in files]
 
 
@@ -246,7 +246,7 @@ def _resumed_reader(state: SourceState, settings: Settings) -> FileReader:
     if fingerprint(path) != state.fingerprint:
         raise UsageError(f"{path} changed since the checkpoint was written; cannot resume")
     fmt = _format(path, state.format)
-    return open_reader(path, fmt, batch_rows=settings.backfill_batch_rows)
+    return open_reader(path, fmt, batch_rows=settings.backfill.batch_rows)
 
 
 def _columns(args: argparse.Namespace) -> list[str] | None:

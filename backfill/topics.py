@@ -47,7 +47,7 @@ def decode_head(value: bytes | None) -> RecordHead | None:
 def range_reader(settings: Settings) -> Consumer:
     """A consumer for :class:`PartitionRange`; its group id is never used to commit."""
     return make_consumer(
-        settings, group_id=f"{settings.topic_prefix}streaminfer.reader.{uuid.uuid4().hex}"
+        settings, group_id=f"{settings.kafka.topic_prefix}streaminfer.reader.{uuid.uuid4().hex}"
     )
 
 

@@ -53,7 +53,7 @@ from backfill.topics import range_reader, watermarks  # noqa: E402
 from ingest.producer import RequestProducer  # noqa: E402
 from schemas import Codec, RequestV1, StoredV1, tensor_from_array  # noqa: E402
 from streaminfer.kafka import create_topics, make_admin, make_producer  # noqa: E402
-from streaminfer.settings import Settings  # noqa: E402
+from streaminfer.settings import KafkaSettings, Settings  # noqa: E402
 from streaminfer.stack import group_ready  # noqa: E402
 from streaminfer.wiring import StageName  # noqa: E402
 
@@ -78,7 +78,7 @@ class Phase:
 @contextmanager
 def pipeline(settings: Settings, workdir: Path, workers: int) -> Iterator[None]:
     """The three stages as subprocesses on ``settings``' topics; SIGTERM at the end."""
-    env = {**os.environ, "STREAMINFER_TOPIC_PREFIX": settings.topic_prefix}
+    env = {**os.environ, "STREAMINFER_TOPIC_PREFIX": settings.kafka.topic_prefix}
     procs = []
     for name in STAGES:
         log = (workdir / f"{name}.log").open("ab")
@@ -205,7 +205,7 @@ def run_backfill(
 ) -> tuple[subprocess.Popen[bytes], float]:
     env = {
         **os.environ,
-        "STREAMINFER_TOPIC_PREFIX": settings.topic_prefix,
+        "STREAMINFER_TOPIC_PREFIX": settings.kafka.topic_prefix,
         "STREAMINFER_BACKFILL_CHECKPOINT_DIR": str(workdir / "checkpoints"),
     }
     cmd = [
@@ -279,13 +279,15 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     args = parser.parse_args()
 
-    settings = Settings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
+    settings = Settings(kafka=KafkaSettings(topic_prefix=f"bench{uuid.uuid4().hex[:6]}."))
     create_topics(settings)
     workdir = Path(tempfile.mkdtemp(prefix="backfill-bench-"))
     big, small = workdir / "rows.parquet", workdir / "alone.parquet"
     write_parquet(big, args.rows)
     write_parquet(small, args.alone_rows)
-    print(f"topics {settings.topic_prefix}*  workdir {workdir}  {args.rows:,} rows", flush=True)
+    print(
+        f"topics {settings.kafka.topic_prefix}*  workdir {workdir}  {args.rows:,} rows", flush=True
+    )
     x = np.load(REPO / "models" / "digits" / "holdout.npz")["X"].astype(np.float32)
     phases = []
     with pipeline(settings, workdir, args.workers):

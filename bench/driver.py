@@ -54,7 +54,7 @@ class Driver:
     """Sends requests to one pipeline's topics and collects its stored notices."""
 
     def __init__(self, settings: Settings, topics: Topics) -> None:
-        holdout = np.load(settings.models_dir / "digits" / "holdout.npz")
+        holdout = np.load(settings.stage.models_dir / "digits" / "holdout.npz")
         features = holdout["X"].astype(np.float32)
         self._inputs: list[dict[str, Tensor]] = [{"input": tensor_from_array(x)} for x in features]
         # linger 1 ms: a client that cares about latency; acks=all + idempotence as ingest does.
@@ -63,7 +63,7 @@ class Driver:
         self._notices = _consumer_from_start(settings, topics.stored)
         self._codec = Codec(StoredV1)
         self._results = Codec(ResultV1)
-        self._store = result_store(settings.model_copy(update={"topic_prefix": topics.prefix}))
+        self._store = result_store(settings.with_changes(kafka={"topic_prefix": topics.prefix}))
         self._pending: dict[str, float] = {}
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Start ``spec``'s stages on fresh topics, warm up, run every scenario, stop."""
     topics = Topics(prefix=spec.prefix)
-    create_topics(settings.model_copy(update={"topic_prefix": spec.prefix}))
+    create_topics(settings.with_changes(kafka={"topic_prefix": spec.prefix}))
     procs = StageProcesses(spec=spec, settings=settings, log_dir=log_dir)
     procs.start()
     driver = Driver(settings, topics)
@@ -162,7 +162,7 @@ def _ensure_services(settings: Settings) -> list[str]:
     """Start Kafka and Redis unless running (or external); returns what was started here."""
     started = []
     for service in stack.SERVICES:
-        if service.managed() and not service.running(settings):
+        if service.managed(settings) and not service.running(settings):
             service.start(settings)
             started.append(service.name)
     return started

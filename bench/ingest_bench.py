@@ -310,7 +310,7 @@ def ready(url: str) -> bool:
 def main() -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.ingest_port}")
+    parser.add_argument("--url", default=f"http://127.0.0.1:{settings.ingest.port}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rate", type=float, default=1000.0, help="paced run, requests/s")

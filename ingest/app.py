@@ -64,15 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = PrometheusIngestMetrics(registry=registry, queue_depth=lambda: _queue_depth(app))
     app.state.metrics = metrics
     app.state.registry = registry
-    keys = settings.api_key_list()
+    keys = settings.ingest.api_key_list()
     app.api_keys_enabled = bool(keys)
-    open_paths = PROBES + (DOCS if settings.api_public_docs else ())
+    open_paths = PROBES + (DOCS if settings.ingest.public_docs else ())
     app.add_middleware(ApiKeyGuard, keys=keys, open_paths=open_paths)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
     install_handlers(
         app,
-        busy_retry_s=settings.ingest_busy_retry_after_s,
-        unavailable_retry_s=settings.ingest_unavailable_retry_after_s,
+        busy_retry_s=settings.ingest.busy_retry_after_s,
+        unavailable_retry_s=settings.ingest.unavailable_retry_after_s,
     )
     _add_routes(app, settings)
     return app
@@ -131,7 +131,7 @@ def result_response(request: Request, value: bytes, status: int = 200) -> Respon
 
 
 def _add_routes(app: FastAPI, settings: Settings) -> None:
-    limit = settings.ingest_max_body_bytes
+    limit = settings.ingest.max_body_bytes
 
     @app.post(
         "/v1/requests",
@@ -163,8 +163,8 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         request: Request,
         timeout: Annotated[
             float,
-            Query(gt=0, le=settings.ingest_predict_max_timeout_s, description="seconds to wait"),
-        ] = settings.ingest_predict_timeout_s,
+            Query(gt=0, le=settings.ingest.predict_max_timeout_s, description="seconds to wait"),
+        ] = settings.ingest.predict_timeout_s,
     ) -> Response:
         service = _service(request)
         body = await read_body(request, limit)

@@ -58,21 +58,21 @@ class IngestService:
         self._redis = redis_client
         # Only for the key and channel names (one definition, in sinks/): this client is never
         # used, so it never connects.
-        self._names = ResultStore(client=redis.Redis(), ttl_s=1, prefix=settings.topic_prefix)
+        self._names = ResultStore(client=redis.Redis(), ttl_s=1, prefix=settings.kafka.topic_prefix)
         self._timeouts = Timeouts(
-            delivery_s=settings.ingest_delivery_timeout_s,
-            probe_s=settings.ingest_probe_timeout_s,
-            unavailable_retry_s=settings.ingest_unavailable_retry_after_s,
+            delivery_s=settings.ingest.delivery_timeout_s,
+            probe_s=settings.ingest.probe_timeout_s,
+            unavailable_retry_s=settings.ingest.unavailable_retry_after_s,
         )
         self.producer = AsyncProducer(
             producer=kafka,
             topic=settings.topics.requests,
-            queue_limit=settings.ingest_queue_max_records,
+            queue_limit=settings.ingest.queue_max_records,
         )
         self.waiters = ResultWaiters(
             client=redis_client,
             channel_prefix=self._names.channel(""),
-            confirm_timeout_s=settings.ingest_probe_timeout_s,
+            confirm_timeout_s=settings.ingest.probe_timeout_s,
         )
         self._dlq: DlqWatcher | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -181,7 +181,7 @@ class IngestService:
             429,
             "overloaded",
             f"{len(delivery.failed)} record(s) did not fit the producer queue; retry them later",
-            headers={"Retry-After": str(self._settings.ingest_busy_retry_after_s)},
+            headers={"Retry-After": str(self._settings.ingest.busy_retry_after_s)},
             acknowledged=delivery.acknowledged,
             failed=sorted(delivery.failed),
         )
@@ -201,7 +201,7 @@ class IngestService:
         settings = self._settings
         return make_consumer(
             settings,
-            group_id=DlqWatcher.group_id(settings.topic_prefix),
+            group_id=DlqWatcher.group_id(settings.kafka.topic_prefix),
             **{"partition.assignment.strategy": "range", "auto.offset.reset": "latest"},
         )
 
@@ -217,17 +217,17 @@ def build_service(settings: Settings, metrics: IngestMetrics) -> IngestService:
     kafka = make_producer(
         settings,
         **{
-            "linger.ms": settings.ingest_linger_ms,
-            "delivery.timeout.ms": int(settings.ingest_delivery_timeout_s * 1000),
-            "queue.buffering.max.messages": settings.ingest_queue_max_records,
+            "linger.ms": settings.ingest.linger_ms,
+            "delivery.timeout.ms": int(settings.ingest.delivery_timeout_s * 1000),
+            "queue.buffering.max.messages": settings.ingest.queue_max_records,
         },
     )
-    registry = model_registry(settings) if settings.ingest_check_models else None
-    decoder = RequestDecoder(registry=registry, max_batch=settings.ingest_max_batch)
+    registry = model_registry(settings) if settings.ingest.check_models else None
+    decoder = RequestDecoder(registry=registry, max_batch=settings.ingest.max_batch_records)
     redis_client = aioredis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_connect_timeout=settings.ingest_probe_timeout_s,
-        socket_timeout=settings.ingest_probe_timeout_s,
+        settings.redis.url.get_secret_value(),
+        socket_connect_timeout=settings.ingest.probe_timeout_s,
+        socket_timeout=settings.ingest.probe_timeout_s,
     )
     return IngestService(
         settings=settings,

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
     schemas_sub.add_parser("export", help="write schemas/jsonschema/*.json from the Structs")
 
+    config = sub.add_parser("config", help="settings")
+    config.add_argument(
+        "--doc", action="store_true", help="print the table of every setting (README format)"
+    )
+
     models = sub.add_parser("models", help="model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_sub.add_parser("list", help="models, versions and input signatures")
@@ -150,6 +155,16 @@ def _cmd_schemas(_settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    if args.doc:
+        from streaminfer.config_doc import table
+
+        print(table())
+        return 0
+    print(settings.model_dump_json(indent=2))  # secrets print as '**********'
+    return 0
+
+
 def _cmd_models(settings: Settings, _args: argparse.Namespace) -> int:
     from streaminfer.wiring import model_registry
 
@@ -212,6 +227,7 @@ _HANDLERS = {
     "stage": _cmd_stage,
     "demo": _cmd_demo,
     "schemas": _cmd_schemas,
+    "config": _cmd_config,
     "models": _cmd_models,
     "ingest": _cmd_ingest,
     "produce": _cmd_produce,

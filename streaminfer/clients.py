@@ -37,9 +37,9 @@ def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
     return serve(
         settings,
-        host=args.host or settings.ingest_host,
-        port=settings.ingest_port if args.port is None else args.port,
-        workers=args.workers or settings.ingest_workers,
+        host=args.host or settings.ingest.host,
+        port=settings.ingest.port if args.port is None else args.port,
+        workers=args.workers or settings.ingest.workers,
     )
 
 
@@ -85,7 +85,7 @@ def _lines(source: str) -> tuple[Iterable[str], int | None]:
 def produce_lines(settings: Settings, source: str, *, err: TextIO = sys.stderr) -> int:
     """``streaminfer produce``: JSON lines -> ``inference.requests``; the exit code."""
     lines, total = _lines(source)
-    registry = model_registry(settings) if settings.ingest_check_models else None
+    registry = model_registry(settings) if settings.ingest.check_models else None
     decoder = RequestDecoder(registry=registry, max_batch=1)
     sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)
     progress = Progress(err, total)
@@ -106,7 +106,7 @@ def produce_lines(settings: Settings, source: str, *, err: TextIO = sys.stderr) 
         sent += 1
         progress.update(sent, invalid)
     progress.update(sent, invalid, force=True)
-    failed = sender.flush(settings.delivery_timeout_s)
+    failed = sender.flush(settings.kafka.delivery_timeout_s)
     progress.done()
     seconds = time.monotonic() - started
     err.write(
@@ -126,7 +126,7 @@ def print_results(
 ) -> int:
     """``streaminfer results``: ``inference.results`` as JSON lines; the exit code."""
     topic = settings.topics.results
-    group = f"{settings.topic_prefix}streaminfer.results-cli.{uuid.uuid4().hex[:8]}"
+    group = f"{settings.kafka.topic_prefix}streaminfer.results-cli.{uuid.uuid4().hex[:8]}"
     consumer = make_consumer(settings, group_id=group)
     try:
         partitions = _partitions(consumer, topic)

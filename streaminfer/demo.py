@@ -63,7 +63,7 @@ def run_demo(
 def send_and_collect(
     settings: Settings, *, repeat: int, timeout_s: float, echo: Callable[[str], None]
 ) -> DemoReport:
-    holdout = np.load(settings.models_dir / "digits" / "holdout.npz")
+    holdout = np.load(settings.stage.models_dir / "digits" / "holdout.npz")
     features, labels = holdout["X"].astype(np.float32), holdout["y"]
     run = uuid.uuid4().hex[:8]
     notices = _stored_notices_from_now(settings)

@@ -12,7 +12,7 @@ from streaminfer.settings import Settings
 
 
 def _base(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    return {"bootstrap.servers": settings.kafka.bootstrap_servers}
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -21,10 +21,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         **_base(settings),
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": settings.linger_ms,
+        "linger.ms": settings.kafka.linger_ms,
         "compression.type": "lz4",
-        "delivery.timeout.ms": int(settings.delivery_timeout_s * 1000),
-        **settings.kafka_extra,
+        "delivery.timeout.ms": int(settings.kafka.delivery_timeout_s * 1000),
+        **settings.kafka.extra,
         **overrides,
     }
 
@@ -40,8 +40,8 @@ def consumer_config(settings: Settings, *, group_id: str, **overrides: Any) -> d
         "partition.assignment.strategy": "cooperative-sticky",
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
-        **settings.kafka_extra,
-        **settings.kafka_consumer_extra,
+        **settings.kafka.extra,
+        **settings.kafka.consumer_extra,
         **overrides,
     }
 
@@ -51,10 +51,10 @@ def transactional_producer_config(settings: Settings, *, transactional_id: str) 
         settings,
         **{
             "transactional.id": transactional_id,
-            "transaction.timeout.ms": int(settings.txn_timeout_s * 1000),
+            "transaction.timeout.ms": int(settings.stage.txn_timeout_s * 1000),
             # librdkafka requires every message to time out before its transaction does.
             "delivery.timeout.ms": int(
-                min(settings.delivery_timeout_s, settings.txn_timeout_s) * 1000
+                min(settings.kafka.delivery_timeout_s, settings.stage.txn_timeout_s) * 1000
             ),
         },
     )
@@ -69,15 +69,17 @@ def make_consumer(settings: Settings, *, group_id: str, **overrides: Any) -> Con
 
 
 def make_admin(settings: Settings) -> AdminClient:
-    return AdminClient({**_base(settings), **settings.kafka_extra})
+    return AdminClient({**_base(settings), **settings.kafka.extra})
 
 
 def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[str, str]:
     """Create the pipeline's topics; existing ones are left alone. Returns topic -> outcome."""
     admin = make_admin(settings)
-    count = partitions or settings.topic_partitions
+    count = partitions or settings.kafka.topic_partitions
     wanted = [
-        NewTopic(name, num_partitions=count, replication_factor=settings.topic_replication_factor)
+        NewTopic(
+            name, num_partitions=count, replication_factor=settings.kafka.topic_replication_factor
+        )
         for name in settings.topics.all()
     ]
     outcome: dict[str, str] = {}

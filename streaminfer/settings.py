@@ -1,153 +1,288 @@
 """All configuration, read once at the edge from the environment (and an optional ``.env``).
 
-Everything below this object takes keyword-only arguments; the only raw dict is the
-librdkafka pass-through (``STREAMINFER_KAFKA_EXTRA``, JSON), merged last.
+Settings come in groups (:class:`KafkaSettings`, :class:`StageSettings`,
+:class:`PrioritySettings`, :class:`IngestSettings`, :class:`BackfillSettings`,
+:class:`RedisSettings`); each group reads the variables with its own prefix
+(``STREAMINFER_KAFKA_*``, ``STREAMINFER_STAGE_*``, ...). Names used before the groups existed
+(``STREAMINFER_BATCH_SIZE``, ``KAFKA_BOOTSTRAP_SERVERS``, ...) keep working as aliases.
+``streaminfer config --doc`` prints every variable from these classes; the README's table is
+that output.
+
+Everything below this object takes keyword-only arguments; the only raw dicts are the
+librdkafka pass-throughs (``STREAMINFER_KAFKA_EXTRA``, ``STREAMINFER_KAFKA_CONSUMER_EXTRA``,
+JSON), merged last.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = ".env"
+Scalar = str | int | float | bool
 
 
-class Settings(BaseSettings):
-    """Settings; env vars are ``STREAMINFER_<FIELD>`` unless an alias is named."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="STREAMINFER_", env_file=".env", extra="ignore", frozen=True
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix, env_file=ENV_FILE, extra="ignore", frozen=True, populate_by_name=True
     )
 
-    kafka_bootstrap_servers: str = Field(
-        # The local broker's port follows the ops script's setting.
-        default_factory=lambda: f"127.0.0.1:{os.environ.get('STREAMINFER_KAFKA_PORT', '9092')}",
-        validation_alias=AliasChoices(
-            "KAFKA_BOOTSTRAP_SERVERS", "STREAMINFER_KAFKA_BOOTSTRAP_SERVERS"
+
+def _env(*names: str) -> AliasChoices:
+    """The variable names a field is read from, the current one first."""
+    return AliasChoices(*names)
+
+
+class KafkaSettings(BaseSettings):
+    """Where Kafka is and how every client talks to it."""
+
+    model_config = _config("STREAMINFER_KAFKA_")
+
+    port: int = Field(
+        default=9092, ge=1, le=65535, description="port of the local broker (ops/kafka)"
+    )
+    bootstrap_servers: str = Field(
+        default="",
+        validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS", "STREAMINFER_KAFKA_BOOTSTRAP_SERVERS"),
+        description="brokers to use; when set, `streaminfer up` starts no local broker "
+        "(default 127.0.0.1:<port>)",
+    )
+    extra: dict[str, Scalar] = Field(
+        default_factory=dict, description="librdkafka properties merged into every client (JSON)"
+    )
+    consumer_extra: dict[str, Scalar] = Field(
+        default_factory=dict, description="librdkafka properties merged into every consumer"
+    )
+    linger_ms: int = Field(
+        default=5,
+        ge=0,
+        validation_alias=_env("STREAMINFER_KAFKA_LINGER_MS", "STREAMINFER_LINGER_MS"),
+        description="producer linger of the stages and the backfill CLI",
+    )
+    delivery_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=_env(
+            "STREAMINFER_KAFKA_DELIVERY_TIMEOUT_S", "STREAMINFER_DELIVERY_TIMEOUT_S"
         ),
+        description="how long a producer tries to deliver a record",
     )
-    kafka_extra: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="librdkafka properties merged into every client"
+    topic_prefix: str = Field(
+        default="",
+        validation_alias=_env("STREAMINFER_KAFKA_TOPIC_PREFIX", "STREAMINFER_TOPIC_PREFIX"),
+        description="prefix of every topic and group id",
     )
-    redis_url: SecretStr = Field(
-        default_factory=lambda: SecretStr(
-            f"redis://127.0.0.1:{os.environ.get('STREAMINFER_REDIS_PORT', '6379')}/0"
+    topic_partitions: int = Field(
+        default=4,
+        ge=1,
+        validation_alias=_env("STREAMINFER_KAFKA_TOPIC_PARTITIONS", "STREAMINFER_TOPIC_PARTITIONS"),
+        description="partitions of the topics `streaminfer topics create` makes",
+    )
+    topic_replication_factor: int = Field(
+        default=1,
+        ge=1,
+        validation_alias=_env(
+            "STREAMINFER_KAFKA_TOPIC_REPLICATION_FACTOR", "STREAMINFER_TOPIC_REPLICATION_FACTOR"
         ),
-        validation_alias=AliasChoices("REDIS_URL", "STREAMINFER_REDIS_URL"),
+        description="replication factor of those topics",
     )
 
-    topic_prefix: str = Field(default="", description="prefix of every topic and group id")
-    topic_partitions: int = Field(default=4, ge=1)
-    topic_replication_factor: int = Field(default=1, ge=1)
+    @model_validator(mode="after")
+    def _local_broker(self) -> KafkaSettings:
+        if not self.bootstrap_servers:
+            object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.port}")
+        return self
 
-    models_dir: Path = REPO_ROOT / "models"
-    home: Path = Field(default=REPO_ROOT / ".cache", description="local stack state (jars, data)")
-    run_dir: Path = Field(default=REPO_ROOT / ".run", description="pid files and stage logs")
+    @property
+    def external(self) -> bool:
+        """True when the user named brokers of their own (environment or ``.env``)."""
+        return "bootstrap_servers" in self.model_fields_set
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(prefix=self.topic_prefix)
+
+
+class StageSettings(BaseSettings):
+    """How each stage worker consumes, batches, commits and runs models."""
+
+    model_config = _config("STREAMINFER_STAGE_")
 
     processing_guarantee: Literal["exactly-once", "at-least-once"] = Field(
         default="exactly-once",
+        validation_alias=_env(
+            "STREAMINFER_STAGE_PROCESSING_GUARANTEE", "STREAMINFER_PROCESSING_GUARANTEE"
+        ),
         description="exactly-once: Kafka transactions between stages; at-least-once: faster",
     )
-    txn_max_records: int = Field(default=5000, ge=1, description="commit a transaction at")
-    txn_max_interval_s: float = Field(default=0.02, ge=0, description="...or this old")
+    batch_max_records: int = Field(
+        default=500,
+        ge=1,
+        validation_alias=_env("STREAMINFER_STAGE_BATCH_MAX_RECORDS", "STREAMINFER_BATCH_SIZE"),
+        description="most records per batch",
+    )
+    batch_timeout_s: float = Field(
+        default=0.005,
+        ge=0,
+        validation_alias=_env("STREAMINFER_STAGE_BATCH_TIMEOUT_S", "STREAMINFER_BATCH_TIMEOUT_S"),
+        description="once a record is there, how long to wait for more to fill a batch",
+    )
+    txn_max_records: int = Field(
+        default=5000,
+        ge=1,
+        validation_alias=_env("STREAMINFER_STAGE_TXN_MAX_RECORDS", "STREAMINFER_TXN_MAX_RECORDS"),
+        description="commit a transaction once it holds this many records",
+    )
+    txn_max_interval_s: float = Field(
+        default=0.02,
+        ge=0,
+        validation_alias=_env(
+            "STREAMINFER_STAGE_TXN_MAX_INTERVAL_S", "STREAMINFER_TXN_MAX_INTERVAL_S"
+        ),
+        description="...or once it is this old",
+    )
     txn_timeout_s: float = Field(
-        default=10.0, gt=0, description="broker aborts a transaction left open this long"
+        default=10.0,
+        gt=0,
+        validation_alias=_env("STREAMINFER_STAGE_TXN_TIMEOUT_S", "STREAMINFER_TXN_TIMEOUT_S"),
+        description="the broker aborts a transaction left open this long",
     )
     worker_id: str = Field(
         default="",
+        validation_alias=_env("STREAMINFER_STAGE_WORKER_ID", "STREAMINFER_WORKER_ID"),
         description="distinguishes the transactional.id of worker processes that share a "
         "group; 'hostname' uses the host name (one container per replica)",
     )
-    kafka_consumer_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    dlq_max_ratio: float = Field(default=0.5, gt=0, le=1, description="stop above this")
-    dlq_window: int = Field(default=1000, ge=1, description="...of the last N records")
-    dlq_min_records: int = Field(default=200, ge=1)
-    priority_max_live_lag: int = Field(
+    dlq_max_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        validation_alias=_env("STREAMINFER_STAGE_DLQ_MAX_RATIO", "STREAMINFER_DLQ_MAX_RATIO"),
+        description="a stage stops when more than this share of recent records fail for "
+        "pipeline faults",
+    )
+    dlq_window_records: int = Field(
+        default=1000,
+        ge=1,
+        validation_alias=_env("STREAMINFER_STAGE_DLQ_WINDOW_RECORDS", "STREAMINFER_DLQ_WINDOW"),
+        description="...of the last this many records",
+    )
+    dlq_min_records: int = Field(
+        default=200,
+        ge=1,
+        validation_alias=_env("STREAMINFER_STAGE_DLQ_MIN_RECORDS", "STREAMINFER_DLQ_MIN_RECORDS"),
+        description="...once at least this many were seen",
+    )
+    models_dir: Path = Field(
+        default=REPO_ROOT / "models",
+        validation_alias=_env("STREAMINFER_STAGE_MODELS_DIR", "STREAMINFER_MODELS_DIR"),
+        description="the model repository (models/<name>/model.yaml)",
+    )
+    onnx_intra_op_threads: int = Field(
+        default=1,
+        ge=0,
+        validation_alias=_env(
+            "STREAMINFER_STAGE_ONNX_INTRA_OP_THREADS", "STREAMINFER_ONNX_INTRA_OP_THREADS"
+        ),
+        description="ONNX Runtime threads per session (0: one per core)",
+    )
+    onnx_allow_spinning: bool = Field(
+        default=False,
+        validation_alias=_env(
+            "STREAMINFER_STAGE_ONNX_ALLOW_SPINNING", "STREAMINFER_ONNX_ALLOW_SPINNING"
+        ),
+        description="let ONNX Runtime threads spin while idle (faster alone, worse shared)",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        validation_alias=_env("STREAMINFER_STAGE_METRICS_PORT", "STREAMINFER_METRICS_PORT"),
+        description="base port of /metrics per worker (worker slot N serves port + N)",
+    )
+
+
+class PrioritySettings(BaseSettings):
+    """validate's live-first gate (``stages/priority.py``)."""
+
+    model_config = _config("STREAMINFER_PRIORITY_")
+
+    max_live_lag: int = Field(
         default=100, ge=0, description="validate pauses backfill while live lag exceeds this"
     )
-    priority_max_downstream: int = Field(
+    max_downstream: int = Field(
         default=200,
         ge=0,
         description="while live requests flow, validate lets backfill in only while infer "
         "and persist together have fewer than this many records to do on top of live "
         "traffic's own share (0: no limit)",
     )
-    priority_max_downstream_idle: int = Field(
+    max_downstream_idle: int = Field(
         default=5000,
         ge=0,
-        description="the same limit when no live request came for priority_live_idle_s",
+        description="the same limit when no live request came for live_idle_s",
     )
-    priority_live_idle_s: float = Field(
+    live_idle_s: float = Field(
         default=5.0, ge=0, description="live traffic counts as flowing this long after a request"
     )
-    priority_poll_interval_s: float = Field(
+    poll_interval_s: float = Field(
         default=0.1, gt=0, description="how often validate reads the downstream lag"
     )
-    batch_size: int = Field(default=500, ge=1, description="most records per batch")
-    batch_timeout_s: float = Field(
-        default=0.005,
-        ge=0,
-        description="once a record is there, how long to wait for more to fill a batch",
+
+
+class IngestSettings(BaseSettings):
+    """The HTTP API (``streaminfer ingest``)."""
+
+    model_config = _config("STREAMINFER_INGEST_")
+
+    host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port the HTTP API listens on")
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    max_body_bytes: int = Field(default=1 << 20, ge=1, description="413 above this")
+    max_batch_records: int = Field(
+        default=1000,
+        ge=1,
+        validation_alias=_env(
+            "STREAMINFER_INGEST_MAX_BATCH_RECORDS", "STREAMINFER_INGEST_MAX_BATCH"
+        ),
+        description="413 above this many requests in one body",
     )
-    delivery_timeout_s: float = Field(default=30.0, gt=0)
-    linger_ms: int = Field(default=5, ge=0)
-
-    onnx_intra_op_threads: int = Field(default=1, ge=0)
-    onnx_allow_spinning: bool = False
-
-    result_ttl_s: int = Field(default=86_400, ge=1)
-    metrics_port: int | None = Field(default=None, description="base port of /metrics per worker")
-
-    @property
-    def topics(self) -> Topics:
-        return Topics(prefix=self.topic_prefix)
-
-    def group_id(self, stage: str) -> str:
-        return f"{self.topic_prefix}streaminfer.{stage}"
-
-    def transactional_id(self, stage: str, slot: int) -> str:
-        """Stable per worker slot: a restarted worker fences its predecessor's transactions."""
-        worker = socket.gethostname() if self.worker_id == "hostname" else self.worker_id
-        return f"{self.group_id(stage)}.{worker + '.' if worker else ''}{slot}"
-
-    # --- HTTP ingest (ingest/app.py, `streaminfer ingest`) ---
-    ingest_host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
-    ingest_port: int = Field(default=8000, ge=0, le=65535)
-    ingest_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
-    ingest_max_body_bytes: int = Field(default=1 << 20, ge=1, description="413 above this")
-    ingest_max_batch: int = Field(default=1000, ge=1, description="413 above this many requests")
-    ingest_delivery_timeout_s: float = Field(
+    delivery_timeout_s: float = Field(
         default=5.0, gt=0, description="wait this long for Kafka's acknowledgement, then 503"
     )
-    ingest_linger_ms: int = Field(default=1, ge=0, description="producer linger of the API")
-    ingest_queue_max_records: int = Field(
+    linger_ms: int = Field(default=1, ge=0, description="producer linger of the API")
+    queue_max_records: int = Field(
         default=100_000, ge=1, description="producer queue size; 429 when a body does not fit"
     )
-    ingest_busy_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
-    ingest_unavailable_retry_after_s: int = Field(default=5, ge=0, description="...of a 503")
-    ingest_predict_timeout_s: float = Field(default=2.0, gt=0, description="predict default wait")
-    ingest_predict_max_timeout_s: float = Field(default=30.0, gt=0)
-    ingest_check_models: bool = Field(
-        default=True,
-        description="check each request against its model's signature before producing it "
-        "(needs models_dir); off: only the message schema is checked, the validate stage "
-        "dead-letters the rest",
+    busy_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429")
+    unavailable_retry_after_s: int = Field(default=5, ge=0, description="Retry-After of a 503")
+    predict_timeout_s: float = Field(
+        default=2.0, gt=0, description="how long /v1/predict waits by default"
     )
-    ingest_probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz checks")
+    predict_max_timeout_s: float = Field(
+        default=30.0, gt=0, description="the most a client may ask /v1/predict to wait"
+    )
+    check_models: bool = Field(
+        default=True,
+        description="check each request against its model's signature before producing it; "
+        "off: only the message schema is checked, the validate stage dead-letters the rest",
+    )
+    probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz checks time out")
     api_keys: SecretStr | None = Field(
         default=None,
+        validation_alias=_env("STREAMINFER_INGEST_API_KEYS", "STREAMINFER_API_KEYS"),
         description="comma-separated API keys; when set every route but /healthz and /readyz "
         "needs one (X-API-Key or Authorization: Bearer)",
     )
-    api_public_docs: bool = Field(
-        default=False, description="serve /docs and /openapi.json without a key"
+    public_docs: bool = Field(
+        default=False,
+        validation_alias=_env("STREAMINFER_INGEST_PUBLIC_DOCS", "STREAMINFER_API_PUBLIC_DOCS"),
+        description="serve /docs and /openapi.json without a key",
     )
 
     def api_key_list(self) -> list[str]:
@@ -155,11 +290,98 @@ class Settings(BaseSettings):
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
         return [key.strip() for key in raw.split(",") if key.strip()]
 
-    # --- Backfills (backfill/, `streaminfer backfill|replay|export`) ---
-    backfill_checkpoint_dir: Path | None = Field(
+
+class BackfillSettings(BaseSettings):
+    """``streaminfer backfill | replay | export``."""
+
+    model_config = _config("STREAMINFER_BACKFILL_")
+
+    checkpoint_dir: Path | None = Field(
         default=None, description="checkpoints and reject reports (default <home>/backfills)"
     )
-    backfill_checkpoint_interval_s: float = Field(
+    checkpoint_interval_s: float = Field(
         default=1.0, gt=0, description="save a running backfill's checkpoint this often"
     )
-    backfill_batch_rows: int = Field(default=4096, ge=1, description="rows per file read batch")
+    batch_rows: int = Field(default=4096, ge=1, description="rows per file read batch")
+
+
+class RedisSettings(BaseSettings):
+    """The result store."""
+
+    model_config = _config("STREAMINFER_REDIS_")
+
+    port: int = Field(
+        default=6379, ge=1, le=65535, description="port of the local Redis (ops/redis)"
+    )
+    url: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=_env("REDIS_URL", "STREAMINFER_REDIS_URL"),
+        description="Redis to use; when set, `streaminfer up` starts no local Redis "
+        "(default redis://127.0.0.1:<port>/0)",
+    )
+    result_ttl_s: int = Field(
+        default=86_400,
+        ge=1,
+        validation_alias=_env("STREAMINFER_REDIS_RESULT_TTL_S", "STREAMINFER_RESULT_TTL_S"),
+        description="how long a result stays in Redis",
+    )
+
+    @model_validator(mode="after")
+    def _local_redis(self) -> RedisSettings:
+        if not self.url.get_secret_value():
+            object.__setattr__(self, "url", SecretStr(f"redis://127.0.0.1:{self.port}/0"))
+        return self
+
+    @property
+    def external(self) -> bool:
+        """True when the user named a Redis of their own (environment or ``.env``)."""
+        return "url" in self.model_fields_set
+
+
+GROUPS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "stage": StageSettings,
+    "priority": PrioritySettings,
+    "ingest": IngestSettings,
+    "backfill": BackfillSettings,
+    "redis": RedisSettings,
+}
+
+
+class Settings(BaseSettings):
+    """Every setting, by group; see the module docstring."""
+
+    model_config = _config("STREAMINFER_")
+
+    home: Path = Field(default=REPO_ROOT / ".cache", description="local stack state (jars, data)")
+    run_dir: Path = Field(default=REPO_ROOT / ".run", description="pid files and stage logs")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    stage: StageSettings = Field(default_factory=StageSettings)
+    priority: PrioritySettings = Field(default_factory=PrioritySettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    backfill: BackfillSettings = Field(default_factory=BackfillSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+
+    @property
+    def topics(self) -> Topics:
+        return self.kafka.topics
+
+    def group_id(self, stage: str) -> str:
+        return f"{self.kafka.topic_prefix}streaminfer.{stage}"
+
+    def transactional_id(self, stage: str, slot: int) -> str:
+        """Stable per worker slot: a restarted worker fences its predecessor's transactions."""
+        worker_id = self.stage.worker_id
+        worker = socket.gethostname() if worker_id == "hostname" else worker_id
+        return f"{self.group_id(stage)}.{worker + '.' if worker else ''}{slot}"
+
+    def with_changes(self, **groups: dict[str, Any]) -> Settings:
+        """A copy with some fields of some groups replaced, e.g.
+        ``with_changes(kafka={"topic_prefix": "t."})``; values are validated."""
+        update: dict[str, Any] = {}
+        for group, fields in groups.items():
+            current: BaseSettings = getattr(self, group)
+            update[group] = type(current).model_validate(
+                {**current.model_dump(exclude_unset=True), **fields}
+            )
+        return self.model_copy(update=update)

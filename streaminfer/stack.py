@@ -35,11 +35,15 @@ class Service:
 
     name: str
     script: Path
-    env_override: str
 
-    def managed(self) -> bool:
-        """False when the user points us at a server of their own."""
-        return not os.environ.get(self.env_override)
+    def managed(self, settings: Settings) -> bool:
+        """False when the user points us at a server of their own (environment or .env)."""
+        return not (settings.kafka.external if self.name == "kafka" else settings.redis.external)
+
+    def address(self, settings: Settings) -> str:
+        if self.name == "kafka":
+            return settings.kafka.bootstrap_servers
+        return settings.redis.url.get_secret_value()
 
     def running(self, settings: Settings) -> bool:
         result = subprocess.run(
@@ -54,21 +58,28 @@ class Service:
         subprocess.run(["bash", str(self.script), "stop"], env=_ops_env(settings), check=True)
 
 
-KAFKA = Service("kafka", OPS / "kafka" / "kafka.sh", "KAFKA_BOOTSTRAP_SERVERS")
-REDIS = Service("redis", OPS / "redis" / "redis.sh", "REDIS_URL")
+KAFKA = Service("kafka", OPS / "kafka" / "kafka.sh")
+REDIS = Service("redis", OPS / "redis" / "redis.sh")
 SERVICES = (KAFKA, REDIS)
 
 
 def _ops_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, "STREAMINFER_HOME": str(settings.home), "PYTHON": sys.executable}
+    # The scripts read their ports from the environment: pass what Settings read (a .env too).
+    return {
+        **os.environ,
+        "STREAMINFER_HOME": str(settings.home),
+        "STREAMINFER_KAFKA_PORT": str(settings.kafka.port),
+        "STREAMINFER_REDIS_PORT": str(settings.redis.port),
+        "PYTHON": sys.executable,
+    }
 
 
 def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = print) -> list[str]:
     """Start whatever is not running; returns the names of what this call started."""
     started: list[str] = []
     for service in SERVICES:
-        if not service.managed():
-            echo(f"{service.name}: using {os.environ[service.env_override]} (not started here)")
+        if not service.managed(settings):
+            echo(f"{service.name}: using {service.address(settings)} (not started here)")
         elif not service.running(settings):
             service.start(settings)
             started.append(service.name)
@@ -85,9 +96,9 @@ def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = pr
         else:
             echo(f"stage {name}: already running")
     if _stage_pid(settings, INGEST) is None:
-        _spawn(settings, INGEST, ["ingest", "--port", str(settings.ingest_port)])
+        _spawn(settings, INGEST, ["ingest", "--port", str(settings.ingest.port)])
         started.append(INGEST)
-        url = f"http://{settings.ingest_host}:{settings.ingest_port}"
+        url = f"http://{settings.ingest.host}:{settings.ingest.port}"
         echo(f"ingest: {url} (log {_log_file(settings, INGEST)})")
     else:
         echo("ingest: already running")
@@ -109,7 +120,7 @@ def down(
         if name in wanted:
             _stop_stage(settings, name, echo)
     for service in reversed(SERVICES):
-        if service.name in wanted and service.managed():
+        if service.name in wanted and service.managed(settings):
             service.stop(settings)
 
 
@@ -216,8 +227,8 @@ def status(settings: Settings) -> list[str]:
     """One line per component: running or stopped."""
     lines = []
     for service in SERVICES:
-        if not service.managed():
-            lines.append(f"{service.name}: external ({os.environ[service.env_override]})")
+        if not service.managed(settings):
+            lines.append(f"{service.name}: external ({service.address(settings)})")
         else:
             state = "running" if service.running(settings) else "stopped"
             lines.append(f"{service.name}: {state}")
@@ -226,6 +237,6 @@ def status(settings: Settings) -> list[str]:
         lines.append(f"stage {name}: " + (f"running (pid {pid})" if pid else "stopped"))
     pid = _stage_pid(settings, INGEST)
     lines.append(
-        "ingest: " + (f"running (pid {pid}, port {settings.ingest_port})" if pid else "stopped")
+        "ingest: " + (f"running (pid {pid}, port {settings.ingest.port})" if pid else "stopped")
     )
     return lines

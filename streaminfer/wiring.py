@@ -36,19 +36,21 @@ def input_topics(settings: Settings, name: StageName) -> list[str]:
 
 def model_registry(settings: Settings) -> ModelRegistry:
     options = SessionOptions(
-        intra_op_threads=settings.onnx_intra_op_threads,
-        allow_spinning=settings.onnx_allow_spinning,
+        intra_op_threads=settings.stage.onnx_intra_op_threads,
+        allow_spinning=settings.stage.onnx_allow_spinning,
     )
-    return ModelRegistry(root=settings.models_dir, session_options=options)
+    return ModelRegistry(root=settings.stage.models_dir, session_options=options)
 
 
 def result_store(settings: Settings) -> ResultStore:
     # Timeouts turn a hung Redis into an error the persist stage retries (pausing its
     # partitions) instead of a call that blocks past max.poll.interval.ms.
     client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
+        settings.redis.url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
     )
-    return ResultStore(client=client, ttl_s=settings.result_ttl_s, prefix=settings.topic_prefix)
+    return ResultStore(
+        client=client, ttl_s=settings.redis.result_ttl_s, prefix=settings.kafka.topic_prefix
+    )
 
 
 def build_stage(settings: Settings, name: StageName, metrics: StageMetrics) -> Stage:
@@ -62,10 +64,10 @@ def build_stage(settings: Settings, name: StageName, metrics: StageMetrics) -> S
 
 def stage_metrics(settings: Settings, name: StageName, slot: int) -> StageMetrics:
     """Prometheus metrics served on ``metrics_port + slot`` when a port is set."""
-    if settings.metrics_port is None:
+    if settings.stage.metrics_port is None:
         return NullMetrics()
     registry = CollectorRegistry()
-    start_http_server(settings.metrics_port + slot, addr="127.0.0.1", registry=registry)
+    start_http_server(settings.stage.metrics_port + slot, addr="127.0.0.1", registry=registry)
     return PrometheusStageMetrics(stage=name, registry=registry)
 
 
@@ -79,13 +81,13 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
         committer=make_committer(settings, name, slot=slot, consumer=consumer),
         input_topics=input_topics(settings, name),
         dlq_topic=settings.topics.dlq,
-        batch_size=settings.batch_size,
-        batch_timeout_s=settings.batch_timeout_s,
+        batch_size=settings.stage.batch_max_records,
+        batch_timeout_s=settings.stage.batch_timeout_s,
         dlq_budget=DlqBudget(
             stage=name,
-            max_ratio=settings.dlq_max_ratio,
-            window=settings.dlq_window,
-            min_records=settings.dlq_min_records,
+            max_ratio=settings.stage.dlq_max_ratio,
+            window=settings.stage.dlq_window_records,
+            min_records=settings.stage.dlq_min_records,
         ),
         metrics=metrics,
         priority=priority_gate(settings, name),
@@ -98,16 +100,16 @@ def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
     if name != "validate":
         return None
     downstream = None
-    if settings.priority_max_downstream > 0:
-        downstream = downstream_backlog(settings, interval_s=settings.priority_poll_interval_s)
+    if settings.priority.max_downstream > 0:
+        downstream = downstream_backlog(settings, interval_s=settings.priority.poll_interval_s)
     return PriorityGate(
         live_topics=[settings.topics.requests],
         bulk_topics=[settings.topics.requests_backfill],
-        max_live_lag=settings.priority_max_live_lag,
+        max_live_lag=settings.priority.max_live_lag,
         downstream=downstream,
-        max_downstream=settings.priority_max_downstream,
-        max_downstream_idle=settings.priority_max_downstream_idle,
-        live_idle_s=settings.priority_live_idle_s,
+        max_downstream=settings.priority.max_downstream,
+        max_downstream_idle=settings.priority.max_downstream_idle,
+        live_idle_s=settings.priority.live_idle_s,
     )
 
 
@@ -131,19 +133,19 @@ def make_committer(
 ) -> Committer:
     """Transactions between Kafka stages in exactly-once mode. Persist is always
     at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent."""
-    if settings.processing_guarantee == "exactly-once" and name != "persist":
+    if settings.stage.processing_guarantee == "exactly-once" and name != "persist":
         config = transactional_producer_config(
             settings, transactional_id=settings.transactional_id(name, slot)
         )
         return TransactionalCommitter(
             producer_factory=lambda: Producer(config),
             consumer=consumer,
-            max_records=settings.txn_max_records,
-            max_interval_s=settings.txn_max_interval_s,
-            timeout_s=settings.delivery_timeout_s,
+            max_records=settings.stage.txn_max_records,
+            max_interval_s=settings.stage.txn_max_interval_s,
+            timeout_s=settings.kafka.delivery_timeout_s,
         )
     return AtLeastOnceCommitter(
         producer=make_producer(settings),
         consumer=consumer,
-        delivery_timeout_s=settings.delivery_timeout_s,
+        delivery_timeout_s=settings.kafka.delivery_timeout_s,
     )

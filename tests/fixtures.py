@@ -29,7 +29,7 @@ from tests.helpers import REPO
 
 def _ensure(service: Service, settings: Settings) -> bool:
     """Start ``service`` unless it is external or already up; True when started here."""
-    if not service.managed() or service.running(settings):
+    if not service.managed(settings) or service.running(settings):
         return False
     service.start(settings)
     return True
@@ -58,7 +58,7 @@ def settings(services: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.fixture()
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url.get_secret_value())
+    return redis.Redis.from_url(settings.redis.url.get_secret_value())
 
 
 class StageProcesses:

@@ -90,7 +90,7 @@ def ledger(
 ) -> Ledger:
     """Wait until every id is in Redis (or time out), then count the results topic as a
     read_committed reader sees it."""
-    keys = [f"{settings.topic_prefix}result:{i}" for i in ids]
+    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in ids]
 
     def stored() -> int:
         return sum(v is not None for v in client.mget(keys))

@@ -115,7 +115,7 @@ def test_scale_infer_1_3_1_under_load(
 def test_redis_down_for_10s_pauses_persist_then_resumes(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    if not REDIS.managed():
+    if not REDIS.managed(settings):
         pytest.skip("REDIS_URL points at a Redis this test must not stop")
     _pipeline(stages)
     load = Load(settings, count=2000, rate=150).start()  # ~13 s of traffic
@@ -131,7 +131,7 @@ def test_redis_down_for_10s_pauses_persist_then_resumes(
 def test_broker_restart_under_load(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    if not KAFKA.managed():
+    if not KAFKA.managed(settings):
         pytest.skip("KAFKA_BOOTSTRAP_SERVERS points at a broker this test must not stop")
     _pipeline(stages)
     load = Load(settings, count=2000, rate=200).start()
@@ -139,7 +139,7 @@ def test_broker_restart_under_load(
     KAFKA.stop(settings)
     KAFKA.start(settings)
     load.join()
-    keys = [f"{settings.topic_prefix}result:{i}" for i in load.ids]
+    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in load.ids]
     restarted: list[str] = []
 
     def supervised_until_stored() -> bool:

@@ -45,9 +45,10 @@ class IngestServer:
 
 
 @contextmanager
-def serving(settings: Settings, **overrides: Any) -> Iterator[httpx.Client]:
-    """An HTTP client bound to a fresh server for ``settings`` with ``overrides`` applied."""
-    server = IngestServer(settings.model_copy(update=overrides))
+def serving(settings: Settings, **changes: dict[str, Any]) -> Iterator[httpx.Client]:
+    """An HTTP client bound to a fresh server for ``settings`` with ``changes`` applied
+    (per group, as :meth:`Settings.with_changes` takes them)."""
+    server = IngestServer(settings.with_changes(**changes))
     server.start()
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:

@@ -136,21 +136,22 @@ def test_413_for_a_large_body_or_batch_and_429_when_the_queue_is_full(
     settings: Settings,
 ) -> None:
     with serving(
-        settings, ingest_max_body_bytes=4000, ingest_max_batch=3, ingest_queue_max_records=8
+        settings,
+        ingest={"max_body_bytes": 4000, "max_batch_records": 3, "queue_max_records": 8},
     ) as client:
         big = client.post("/v1/requests", json=[digits_body()] * 30)
         assert big.status_code == 413 and big.json()["error"] == "body_too_large"
         many = client.post("/v1/requests", json=[{"model": "digits", "inputs": {}}] * 4)
         assert many.status_code == 413 and many.json()["error"] == "batch_too_large"
-    with serving(settings, ingest_queue_max_records=2) as client:
+    with serving(settings, ingest={"queue_max_records": 2}) as client:
         full = client.post("/v1/requests", json=[digits_body(f"q-{i}") for i in range(3)])
         assert full.status_code == 429
-        assert full.headers["retry-after"] == str(settings.ingest_busy_retry_after_s)
+        assert full.headers["retry-after"] == str(settings.ingest.busy_retry_after_s)
     assert records_in(settings, settings.topics.requests) == 0
 
 
 def test_api_keys(settings: Settings) -> None:
-    with serving(settings, api_keys=SecretStr("alpha, beta")) as client:
+    with serving(settings, ingest={"api_keys": SecretStr("alpha, beta")}) as client:
         assert client.post("/v1/requests", json=digits_body()).status_code == 401
         wrong = client.post("/v1/requests", json=digits_body(), headers={"X-API-Key": "gamma"})
         assert wrong.status_code == 403
@@ -167,7 +168,7 @@ def test_api_keys(settings: Settings) -> None:
 def test_readyz_fails_when_redis_is_unreachable(settings: Settings) -> None:
     with (
         refused_port() as port,
-        serving(settings, redis_url=SecretStr(f"redis://127.0.0.1:{port}/0")) as client,
+        serving(settings, redis={"url": SecretStr(f"redis://127.0.0.1:{port}/0")}) as client,
     ):
         ready = client.get("/readyz")
         assert ready.status_code == 503
@@ -181,13 +182,15 @@ def test_503_not_202_when_kafka_is_unreachable(settings: Settings) -> None:
     with (
         refused_port() as port,
         serving(
-            settings, kafka_bootstrap_servers=f"127.0.0.1:{port}", ingest_delivery_timeout_s=1.0
+            settings,
+            kafka={"bootstrap_servers": f"127.0.0.1:{port}"},
+            ingest={"delivery_timeout_s": 1.0},
         ) as client,
     ):
         started = time.monotonic()
         response = client.post("/v1/requests", json=[digits_body("k-1"), digits_body("k-2")])
         assert response.status_code == 503, response.text
-        assert response.headers["retry-after"] == str(settings.ingest_unavailable_retry_after_s)
+        assert response.headers["retry-after"] == str(settings.ingest.unavailable_retry_after_s)
         assert response.json()["acknowledged"] == []
         assert sorted(response.json()["failed"]) == ["k-1", "k-2"]
         assert time.monotonic() - started < 10
@@ -219,7 +222,7 @@ def test_predict_answers_422_with_the_dlq_reason(
 ) -> None:
     start_pipeline(stages)
     # With the model check off the request reaches Kafka and the validate stage rejects it.
-    with serving(settings, ingest_check_models=False) as client:
+    with serving(settings, ingest={"check_models": False}) as client:
         body = digits_body("dead-1", model="cats")
         response = client.post("/v1/predict", params={"timeout": 20}, json=body)
     assert response.status_code == 422, response.text
@@ -240,8 +243,8 @@ def test_same_id_twice_yields_one_result(
         assert api.post("/v1/requests", json=digits_body("twice-1")).status_code == 202
     notices = read_topic(settings, settings.topics.stored, count=2)
     assert [Codec(StoredV1).decode(n.value()).id for n in notices] == ["twice-1", "twice-1"]
-    keys = redis_client.keys(f"{settings.topic_prefix}result:*")
-    assert keys == [f"{settings.topic_prefix}result:twice-1".encode()]
+    keys = redis_client.keys(f"{settings.kafka.topic_prefix}result:*")
+    assert keys == [f"{settings.kafka.topic_prefix}result:twice-1".encode()]
 
 
 def test_metrics_count_requests_and_records(api: httpx.Client) -> None:

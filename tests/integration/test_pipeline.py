@@ -55,7 +55,7 @@ def test_every_request_gets_exactly_the_models_answer(
 
     direct = ort.InferenceSession(str(MODELS / "digits" / "1" / "model.onnx"))
     labels, probabilities = direct.run(None, {"input": features})
-    keys = [f"{settings.topic_prefix}result:{i}" for i in ids]
+    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in ids]
     for i, value in enumerate(redis_client.mget(keys)):
         assert value is not None, f"{ids[i]} missing from Redis"
         result = RESULTS.decode(value)
@@ -64,7 +64,7 @@ def test_every_request_gets_exactly_the_models_answer(
         np.testing.assert_allclose(
             tensor_to_array(result.outputs["probabilities"]), probabilities[i], rtol=1e-6
         )
-        assert 0 < redis_client.ttl(keys[i]) <= settings.result_ttl_s
+        assert 0 < redis_client.ttl(keys[i]) <= settings.redis.result_ttl_s
 
 
 def test_bad_records_go_to_the_dlq_and_never_block_good_ones(
@@ -114,7 +114,7 @@ def test_bad_records_go_to_the_dlq_and_never_block_good_ones(
         assert message.value() == bad[kind]  # original bytes untouched
 
     read_topic(settings, settings.topics.stored, count=len(good_ids))
-    keys = [f"{settings.topic_prefix}result:{i}" for i in good_ids]
+    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in good_ids]
     assert all(v is not None for v in redis_client.mget(keys))
 
 

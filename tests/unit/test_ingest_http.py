@@ -15,7 +15,7 @@ from ingest.app import create_app
 from ingest.middleware import ApiKeyGuard
 from ingest.rendering import result_json
 from schemas import Codec, ResultV1, tensor_from_array
-from streaminfer.settings import Settings
+from streaminfer.settings import IngestSettings, Settings
 
 
 def guarded_app() -> ApiKeyGuard:
@@ -78,7 +78,7 @@ def test_results_render_tensors_as_value_lists() -> None:
 
 
 def test_openapi_describes_the_bodies_and_the_key_schemes() -> None:
-    app = create_app(Settings(api_keys=SecretStr("k1")))
+    app = create_app(Settings(ingest=IngestSettings(api_keys=SecretStr("k1"))))
     document = app.openapi()
     schemas = document["components"]["schemas"]
     assert {"SubmitRequest", "RequestV1", "Tensor", "TensorValues", "ResultJson", "Error"} <= set(
@@ -94,7 +94,7 @@ def test_openapi_describes_the_bodies_and_the_key_schemes() -> None:
 
 
 def test_docs_can_be_public_while_the_api_needs_a_key() -> None:
-    app = create_app(Settings(api_keys=SecretStr("k1"), api_public_docs=True))
+    app = create_app(Settings(ingest=IngestSettings(api_keys=SecretStr("k1"), public_docs=True)))
 
     async def get(path: str) -> int:
         transport = httpx.ASGITransport(app=app)
