@@ -22,6 +22,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": settings.kafka.linger_ms,
+        "message.max.bytes": settings.kafka.message_max_bytes,
         "compression.type": "lz4",
         "delivery.timeout.ms": int(settings.kafka.delivery_timeout_s * 1000),
         **settings.kafka.extra,

@@ -74,6 +74,12 @@ class KafkaSettings(BaseSettings):
         ),
         description="how long a producer tries to deliver a record",
     )
+    message_max_bytes: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="largest record a producer sends (librdkafka message.max.bytes); a stage "
+        "dead-letters an output that would exceed it (too_large), ingest keeps a margin below it",
+    )
     topic_prefix: str = Field(
         default="",
         validation_alias=_env("STREAMINFER_KAFKA_TOPIC_PREFIX", "STREAMINFER_TOPIC_PREFIX"),

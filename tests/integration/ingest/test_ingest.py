@@ -29,7 +29,7 @@ from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
 from tests.fixtures import StageProcesses, read_topic, wait_until
 from tests.helpers import MODELS, REPO
-from tests.integration.ingest_fixtures import (
+from tests.integration.ingest.fixtures import (
     DIGITS_PIXELS,
     digits_body,
     refused_port,
