@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from backfill.checkpoint import Checkpoint, CheckpointStore
+    from backfill.context import BackfillContext
     from backfill.engine import RunOutcome
     from backfill.plan import Plan
-    from streaminfer.settings import Settings
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -76,25 +76,25 @@ def _add_run_options(parser: argparse.ArgumentParser, id_flag: str) -> None:
     parser.add_argument("--rate", type=_positive, help="at most N rows per second")
 
 
-def run_backfill(settings: Settings, args: argparse.Namespace) -> int:
+def run_backfill(context: BackfillContext, args: argparse.Namespace) -> int:
     from backfill.plan import plan_files
 
-    return _guarded(lambda: _run(settings, args, plan_files))
+    return _guarded(lambda: _run(context, args, plan_files))
 
 
-def run_replay(settings: Settings, args: argparse.Namespace) -> int:
+def run_replay(context: BackfillContext, args: argparse.Namespace) -> int:
     from backfill.plan import plan_replay
 
-    return _guarded(lambda: _run(settings, args, plan_replay))
+    return _guarded(lambda: _run(context, args, plan_replay))
 
 
-def run_export(settings: Settings, args: argparse.Namespace) -> int:
+def run_export(context: BackfillContext, args: argparse.Namespace) -> int:
     from backfill.export import check_destination, export_backfill
 
     def body() -> int:
         check_destination(args.to)
         report = export_backfill(
-            settings, args.backfill_id, args.to, wait_s=args.wait, show=args.show
+            context, args.backfill_id, args.to, wait_s=args.wait, show=args.show
         )
         print("\n".join(report.lines()))
         return 0 if report.complete else 1
@@ -105,7 +105,7 @@ def run_export(settings: Settings, args: argparse.Namespace) -> int:
 def _guarded(body: Callable[[], int]) -> int:
     from backfill.mapping import MappingError
     from backfill.plan import UsageError
-    from stages.models import UnknownModel
+    from schemas.models import UnknownModel
 
     try:
         return body()
@@ -115,16 +115,16 @@ def _guarded(body: Callable[[], int]) -> int:
 
 
 def _run(
-    settings: Settings,
+    context: BackfillContext,
     args: argparse.Namespace,
-    plan: Callable[[Settings, argparse.Namespace], Plan],
+    plan: Callable[[BackfillContext, argparse.Namespace], Plan],
 ) -> int:
     from backfill.plan import start_run
 
-    planned = plan(settings, args)
+    planned = plan(context, args)
     stop = threading.Event()
     try:
-        with _stop_on_signals(stop), start_run(settings, planned, stop=stop, rate=args.rate) as run:
+        with _stop_on_signals(stop), start_run(context, planned, stop=stop, rate=args.rate) as run:
             outcome = run.run(planned.sources)
     except KeyboardInterrupt:
         print(

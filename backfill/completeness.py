@@ -5,6 +5,12 @@ Kafka and so must end up as a result or a dead letter. :class:`SourceTally` keep
 source, one flag per row of the prefix for "has a result" and "is in the DLQ" (a byte per
 row, not a set of ids); results and dead letters are matched to rows by their ``file`` and
 ``row`` attributes, checked against the id those imply.
+
+The topics are written by others too, and the attributes the pipeline sets (``source``,
+``backfill_id``, ``file``, ``row``, ``original_id``) are data as far as a reader knows. So a
+record counts for a backfill only when its ``backfill_id`` is the backfill's, its ``file`` is
+one of the checkpoint's sources, its ``row`` a plain ASCII number within that source's range
+and its id the one those imply; anything else is *foreign*: counted, never written.
 """
 
 from __future__ import annotations
@@ -13,17 +19,26 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Message
 
 from backfill.checkpoint import Checkpoint, SourceState
 from backfill.ids import replay_request_id, request_id
-from schemas import Headers
+from kafkaio import dead_letters
 
 _DETAILS_KEPT: Final = 10_000  # dead-letter details kept for listing (counts are exact)
+_MAX_ROW_DIGITS: Final = 19  # a row or offset fits in an int64
+Admission = Literal["new", "duplicate", "foreign"]
+
+
+def plain_row(value: object) -> int | None:
+    """``value`` as a row number when it is a string of 1-19 ASCII digits, else None.
+    (``str.isdigit`` is not enough: it accepts ``"²"``, which ``int`` refuses.)"""
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_ROW_DIGITS:
+        return None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 @dataclass
@@ -46,16 +61,23 @@ class SourceTally:
                 rejected[row - state.first_row] = True
         return cls(state, backfill_id, rejected, np.zeros(size, bool), np.zeros(size, bool))
 
-    def index(self, row: int | None, record_id: str, original_id: str | None) -> int | None:
-        """Where a record with these attributes counts, or None when it is not one of the
-        prefix's requests (e.g. sent after the last checkpoint of an unfinished run)."""
-        if row is None or not self.state.first_row <= row <= self.state.last_row:
-            return None
-        if self.state.kind == "file":
-            expected = request_id(self.backfill_id, self.state.key, row)
-        else:
-            expected = replay_request_id(self.backfill_id, original_id or "")
-        return row - self.state.first_row if record_id == expected else None
+    def owns(self, row: int, record_id: str, original_id: str | None) -> bool:
+        """Whether a record naming ``row`` of this source is that row's request: the row is
+        in the source's range (after the done prefix only while the run is unfinished) and
+        the id is the one the row implies."""
+        state = self.state
+        if row < state.first_row or (state.end_row is not None and row >= state.end_row):
+            return False
+        if state.complete and row > state.last_row:
+            return False
+        if state.kind == "file":
+            return record_id == request_id(self.backfill_id, state.key, row)
+        return record_id == replay_request_id(self.backfill_id, original_id or "")
+
+    def index(self, row: int) -> int | None:
+        """Where ``row`` counts, or None when it is after the done prefix."""
+        index = row - self.state.first_row
+        return index if index < len(self.present) else None
 
     @property
     def expected(self) -> int:
@@ -90,6 +112,7 @@ class ExportTally:
     rejected: int
     written: int = 0
     duplicates: int = 0
+    foreign: int = 0  # records naming this backfill that are none of its rows: ignored
     beyond_checkpoint: set[str] = field(default_factory=set)
     dead_reasons: Counter[str] = field(default_factory=Counter)
     dead_details: dict[str, DeadLetter] = field(default_factory=dict)
@@ -104,54 +127,61 @@ class ExportTally:
     def complete(self) -> bool:
         return self.accounted() >= self.expected()
 
-    def first_time(self, record_id: str, attributes: dict[str, str]) -> bool:
-        """Mark a result seen; False when its id was already written."""
+    def admit(self, record_id: str, attributes: dict[str, str]) -> Admission:
+        """Mark a result seen: ``new`` (write it), ``duplicate`` (its id was written) or
+        ``foreign`` (not one of this backfill's rows, see the module docstring)."""
         tally, index = self._locate(record_id, attributes)
-        if tally is None or index is None:
+        if tally is None:
+            self.foreign += 1
+            return "foreign"
+        if index is None:  # an unfinished run's row after its checkpoint
             if record_id in self.beyond_checkpoint:
-                return False
+                return "duplicate"
             self.beyond_checkpoint.add(record_id)
-            return True
+            return "new"
         if tally.present[index]:
-            return False
+            return "duplicate"
         tally.present[index] = True
-        return True
+        return "new"
 
-    def dead_letter(self, record_id: str, attributes: dict[str, str], message: Message) -> None:
+    def dead_letter(
+        self, record_id: str, attributes: dict[str, str], letter: dead_letters.DeadLetter
+    ) -> None:
+        tally, index = self._locate(record_id, attributes)
+        if tally is None:
+            self.foreign += 1
+            return
         if record_id in self._dead_ids:
             return
         self._dead_ids.add(record_id)
-        tally, index = self._locate(record_id, attributes)
-        if tally is not None and index is not None:
+        if index is not None:
             tally.dead[index] = True
-        raw = message.headers() or []
-        headers = dict(raw.items() if isinstance(raw, dict) else raw)
-        reason = _text(headers.get(Headers.DLQ_REASON)) or "unknown"
+        reason = letter.reason
         self.dead_reasons[reason] += 1
         if len(self.dead_details) < _DETAILS_KEPT:
-            row = attributes.get("row", "")
             self.dead_details[record_id] = DeadLetter(
                 source=attributes.get("file", "?"),
-                row=int(row) if row.isdigit() else None,
+                row=plain_row(attributes.get("row")),
                 reason=reason,
-                error=_text(headers.get(Headers.DLQ_ERROR))[:200],
+                error=letter.error[:200],
             )
 
     def _locate(
         self, record_id: str, attributes: dict[str, str]
     ) -> tuple[SourceTally | None, int | None]:
-        tally = self.sources.get(attributes.get("file", ""))
-        if tally is None:
+        """The source a record is a row of and its index in the done prefix (None: after
+        it); no source for a foreign record."""
+        if attributes.get("backfill_id") != self.backfill_id:
             return None, None
-        row = attributes.get("row", "")
-        number = int(row) if row.isdigit() else None
-        return tally, tally.index(number, record_id, attributes.get("original_id"))
-
-
-def _text(value: str | bytes | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+        file = attributes.get("file")
+        tally = self.sources.get(file) if isinstance(file, str) else None
+        row = plain_row(attributes.get("row"))
+        original_id = attributes.get("original_id")
+        if tally is None or row is None:
+            return None, None
+        if not tally.owns(row, record_id, original_id if isinstance(original_id, str) else None):
+            return None, None
+        return tally, tally.index(row)
 
 
 @dataclass
@@ -171,6 +201,7 @@ class ExportReport:
     checkpoint_complete: bool
     dead_reasons: dict[str, int]
     listed: list[str]
+    foreign: int = 0
 
     @property
     def complete(self) -> bool:
@@ -191,6 +222,11 @@ class ExportReport:
             lines.append(
                 f"  unplanned      {self.beyond_checkpoint:,} results for rows after the "
                 "checkpoint (an unfinished run; exported too)"
+            )
+        if self.foreign:
+            lines.append(
+                f"  ignored        {self.foreign:,} records naming this backfill that are none "
+                "of its rows (not exported)"
             )
         if not self.checkpoint_complete:
             lines.append("  note           the backfill has not finished: resume it for the rest")
@@ -214,6 +250,7 @@ def report_for(checkpoint: Checkpoint, tally: ExportTally, path: Path, show: int
         rejected=tally.rejected,
         duplicates=tally.duplicates,
         beyond_checkpoint=len(tally.beyond_checkpoint),
+        foreign=tally.foreign,
         checkpoint_complete=checkpoint.complete,
         dead_reasons=dict(tally.dead_reasons),
         listed=listed,

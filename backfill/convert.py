@@ -4,6 +4,11 @@ convert, a :class:`Reject` for each row that does not.
 Arrow batches (CSV, Parquet) are converted a whole column at a time; only a batch holding a
 value that does not convert is redone row by row, to name the rows. JSON records are
 converted row by row. Both follow :mod:`backfill.mapping`'s rules.
+
+No row can fail a chunk: before anything becomes a Python object, rows whose lists hold more
+values than the input takes or whose text is over ``max_cell_bytes`` are rejected from the
+Arrow buffers' offsets alone (a 611-byte Parquet file can hold a list of 5M zeros: 20 MB as
+Arrow, hundreds as Python floats). Any other error converting one row rejects that row.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from backfill.mapping import (
 )
 
 _MISSING: Final = object()
+MAX_CELL_BYTES: Final = 1 << 20  # default bound on one value's text (a CSV record, a string)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +93,22 @@ def arrow_chunk(
     *,
     rejects: Sequence[Reject] = (),
     after_row: int = 0,
+    max_cell_bytes: int = MAX_CELL_BYTES,
 ) -> Chunk:
     """Convert ``batch`` (whose rows are numbered ``rows``); rows up to ``after_row`` are
-    dropped before any conversion work."""
+    dropped before any conversion work, oversized rows (see the module docstring) before
+    any value becomes a Python object."""
     rejects = [r for r in rejects if r.row > after_row]
     start = int(np.searchsorted(rows, after_row, side="right"))
     if start:
         batch, rows = batch.slice(start), rows[start:]
+    oversized = _oversized(batch, mapping, max_cell_bytes)
+    if oversized:
+        keep = np.ones(len(rows), dtype=bool)
+        keep[list(oversized)] = False
+        too_big = [Reject(int(rows[p]), e.reason, str(e)) for p, e in oversized.items()]
+        rejects = sorted([*rejects, *too_big], key=lambda r: r.row)
+        batch, rows = batch.filter(pa.array(keep)), rows[keep]
     arrays: dict[str, Array] = {}
     errors: dict[int, RowError] = {}
     for mapped in mapping:
@@ -127,6 +142,69 @@ def _arrow_input(batch: pa.RecordBatch, mapped: InputColumns) -> Array | None:
         return to_dtype(numbers.reshape((count, *mapped.spec.shape)), mapped.spec)
     except RowError:
         return None
+
+
+def _oversized(batch: pa.RecordBatch, mapping: Mapping, max_cell_bytes: int) -> dict[int, RowError]:
+    """Rows (by position) holding a list with more values than the input takes, or a text
+    or binary value over ``max_cell_bytes``: measured on offsets, nothing is converted."""
+    found: dict[int, RowError] = {}
+    for mapped in mapping:
+        allowed = mapped.size if mapped.packed else 1
+        for name in mapped.columns:
+            column = batch.column(name)
+            counts = _leaf_counts(column)
+            if counts is not None:
+                for position in np.flatnonzero(counts > allowed).tolist():
+                    found.setdefault(
+                        position,
+                        RowError(
+                            "wrong_length",
+                            f"input {mapped.spec.name!r} takes {mapped.size} values, column "
+                            f"{name!r} holds {int(counts[position])}",
+                        ),
+                    )
+            elif _is_text(column.type):
+                sizes = pc.binary_length(column).to_numpy(zero_copy_only=False)
+                big = np.flatnonzero(np.nan_to_num(sizes.astype(np.float64)) > max_cell_bytes)
+                for position in big.tolist():
+                    found.setdefault(
+                        position,
+                        RowError(
+                            "too_large",
+                            f"column {name!r}: {int(sizes[position]):,} bytes, over the "
+                            f"{max_cell_bytes:,} a value may take",
+                        ),
+                    )
+    return found
+
+
+def _leaf_counts(column: pa.Array) -> npt.NDArray[np.int64] | None:
+    """Per row, how many values its (possibly nested) lists hold in all; None for a column
+    that is not a list. Walks the offsets level by level: ``[starts, ends)`` is each row's
+    range in the current level's array."""
+    if not _is_list(column.type):
+        return None
+    starts = np.arange(len(column), dtype=np.int64)
+    ends = starts + 1
+    level: pa.Array = column
+    while _is_list(level.type):
+        if pa.types.is_fixed_size_list(level.type):
+            size, shift = level.type.list_size, level.offset  # .values ignores the slice
+            starts, ends = (starts + shift) * size, (ends + shift) * size
+        else:
+            offsets = level.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            starts, ends = offsets[starts], offsets[ends]
+        level = level.values
+    return ends - starts
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
+        or pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+    )
 
 
 def _is_list(type_: pa.DataType) -> bool:
@@ -174,6 +252,8 @@ def _per_row(values: Sequence[Any], mapped: InputColumns) -> tuple[Array, dict[i
             out[position] = row_to_array(value, mapped)
         except RowError as exc:
             errors[position] = exc
+        except Exception as exc:  # whatever else one row's values do, it is that row's reject
+            errors[position] = RowError("unconvertible", f"{type(exc).__name__}: {exc}"[:200])
     return out, errors
 
 

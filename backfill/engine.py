@@ -1,9 +1,12 @@
 """The send loop shared by file backfills and replays.
 
-A :class:`Source` yields :data:`Item` s in row order: a request to send, a :class:`Reject`
-to report, or None for a row deliberately skipped. :class:`BackfillRun` sends each request
-to ``inference.requests.backfill`` (idempotent producer, acks=all), counts a row done when
-Kafka acknowledges it, and saves the checkpoint every ``checkpoint_interval_s`` and at the end.
+A :class:`Source` yields :data:`Item` s in row order: a request to send (a
+:class:`TenantRequest` to send it under a tenant's header), a :class:`Reject` to report, or
+None for a row deliberately skipped. :class:`BackfillRun` sends each request to
+``inference.requests.backfill`` (idempotent producer, acks=all), counts a row done when Kafka
+acknowledges it, and saves the checkpoint every ``checkpoint_interval_s`` and at the end. A
+request over ``max_request_bytes`` (the limit ingest applies) is not sent: it becomes a
+``too_large`` reject, since the stages could not carry it to the end.
 
 Stopping (``stop`` set by SIGINT/SIGTERM, or a delivery failure): no new row is read, every
 record already handed to the producer gets its delivery report (or the delivery timeout
@@ -33,13 +36,22 @@ from backfill.checkpoint import (
 )
 from backfill.convert import Reject
 from backfill.pacing import ProgressLine, Snapshot, TokenBucket
-from schemas import Codec, Headers, RequestV1
-from schemas.messages import SCHEMA_NAMES
-from stages.records import HeaderList, new_traceparent
+from kafkaio.produce import produce_request
+from schemas import Codec, RequestV1
 
 log = logging.getLogger(__name__)
-Item = tuple[int, RequestV1 | Reject | None]
-_SCHEMA = SCHEMA_NAMES[RequestV1].encode()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRequest:
+    """A request to send with ``tenant`` as its tenant header (replay keeps the original
+    record's tenant); a plain :class:`RequestV1` goes without one, to the default tenant."""
+
+    request: RequestV1
+    tenant: bytes
+
+
+Item = tuple[int, RequestV1 | TenantRequest | Reject | None]
 
 
 class Source(Protocol):
@@ -82,6 +94,7 @@ class BackfillRun:
         progress: ProgressLine,
         pacer: TokenBucket | None = None,
         dead_letters: DeadLetterCount | None = None,
+        max_request_bytes: int | None = None,
         checkpoint_interval_s: float = 1.0,
         drain_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -95,6 +108,7 @@ class BackfillRun:
         self._progress = progress
         self._pacer = pacer
         self._dead_letters = dead_letters
+        self._max_request_bytes = max_request_bytes
         self._interval_s = checkpoint_interval_s
         self._drain_timeout_s = drain_timeout_s
         self._clock = clock
@@ -138,9 +152,11 @@ class BackfillRun:
         for count, (row, payload) in enumerate(source.items(after_row=source.state.resume_after())):
             if self._stop.is_set() or self._failure:
                 return False
-            if isinstance(payload, RequestV1):
-                self._send(tracker, row, payload)
-            elif isinstance(payload, Reject):
+            if isinstance(payload, RequestV1 | TenantRequest):
+                payload = self._send(tracker, row, payload)  # sent: None; too large: a Reject
+            elif payload is None:
+                tracker.add(row, "skipped", done=True)
+            if isinstance(payload, Reject):
                 tracker.add(row, "rejected", done=True)
                 self._rejects.add(
                     RejectLine(
@@ -150,39 +166,42 @@ class BackfillRun:
                         detail=payload.detail,
                     )
                 )
-            else:
-                tracker.add(row, "skipped", done=True)
             if count % 256 == 0:
                 self._tick()
         tracker.read_to_end = True
         return not (self._stop.is_set() or self._failure)
 
-    def _send(self, tracker: PrefixTracker, row: int, request: RequestV1) -> None:
+    def _send(
+        self, tracker: PrefixTracker, row: int, payload: RequestV1 | TenantRequest
+    ) -> Reject | None:
+        """Produce the request; a ``too_large`` :class:`Reject` instead when its record (value
+        and key) exceeds ``max_request_bytes``."""
+        request, tenant = (
+            (payload.request, payload.tenant)
+            if isinstance(payload, TenantRequest)
+            else (payload, None)
+        )
+        value, key = self._codec.encode(request), request.id.encode()
+        size = len(value) + len(key)
+        if self._max_request_bytes is not None and size > self._max_request_bytes:
+            limit = self._max_request_bytes
+            detail = f"the request takes {size} bytes as a record; the pipeline carries {limit}"
+            return Reject(row, "too_large", detail)
         if self._pacer is not None:
             self._wait(self._pacer.take())
         tracker.add(row, "sent")
-        on_delivery = functools.partial(self._delivered, tracker, row)
-        value = self._codec.encode(request)
-        headers: HeaderList = [
-            (Headers.CONTENT_TYPE, Headers.MSGPACK),
-            (Headers.SCHEMA, _SCHEMA),
-            (Headers.TRACEPARENT, new_traceparent()),
-        ]
-        while True:
-            try:
-                self._producer.produce(
-                    self._topic,
-                    value=value,
-                    key=request.id.encode(),
-                    headers=headers,
-                    on_delivery=on_delivery,
-                )
-                break
-            except BufferError:
-                self._producer.poll(0.05)  # local queue full: wait for acknowledgements
+        produce_request(
+            self._producer,
+            self._topic,
+            value=value,
+            key=key,
+            on_delivery=functools.partial(self._delivered, tracker, row),
+            tenant=tenant,
+        )
         self._sent += 1
         if self._sent % 64 == 0:
             self._producer.poll(0)
+        return None
 
     def _delivered(
         self, tracker: PrefixTracker, row: int, err: KafkaError | None, _msg: Message

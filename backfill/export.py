@@ -30,12 +30,14 @@ from confluent_kafka import Consumer, Message
 
 from backfill.checkpoint import read_rejects
 from backfill.completeness import ExportReport, ExportTally, SourceTally, report_for
+from backfill.context import BackfillContext
 from backfill.plan import UsageError, checkpoint_store
-from backfill.topics import PartitionRange, decode_head, range_reader, watermarks
-from schemas import Codec, DecodeError, ResultV1
+from backfill.topics import PartitionRange
+from kafkaio.dead_letters import decode_head, read_dead_letter
+from kafkaio.offsets import watermarks
+from schemas import Codec, DecodeError, ResultV1, tensor_to_array
 from sinks import files
 from sinks.files import DestinationError, ResultWriter, open_writer
-from streaminfer.settings import Settings
 
 _FOLLOW_END: Final = 1 << 62  # "no end": --wait reads whatever arrives
 
@@ -49,7 +51,7 @@ def check_destination(path: Path) -> None:
 
 
 def export_backfill(
-    settings: Settings,
+    context: BackfillContext,
     backfill_id: str,
     to: Path,
     *,
@@ -58,7 +60,7 @@ def export_backfill(
     clock: Callable[[], float] = time.monotonic,
 ) -> ExportReport:
     """Write ``backfill_id``'s results to ``to`` and check them against its checkpoint."""
-    store = checkpoint_store(settings)
+    store = checkpoint_store(context)
     if not store.exists(backfill_id):
         raise UsageError(f"no checkpoint for {backfill_id} in {store.directory}")
     checkpoint = store.load(backfill_id)
@@ -76,7 +78,7 @@ def export_backfill(
     check_destination(to)
     writer = open_writer(to)
     try:
-        _Export(settings, tally, writer).run(wait_s=wait_s, clock=clock)
+        _Export(context, tally, writer).run(wait_s=wait_s, clock=clock)
     except BaseException:
         writer.abort()
         raise
@@ -87,18 +89,18 @@ def export_backfill(
 class _Export:
     """Reads results and dead letters into the tally and the writer."""
 
-    def __init__(self, settings: Settings, tally: ExportTally, writer: ResultWriter) -> None:
+    def __init__(self, context: BackfillContext, tally: ExportTally, writer: ResultWriter) -> None:
         self._tally = tally
         self._writer = writer
         self._results = Codec(ResultV1)
         self._ranges = {
-            "results": self._range(settings, settings.topics.results),
-            "dlq": self._range(settings, settings.topics.dlq),
+            "results": self._range(context, context.topics.results),
+            "dlq": self._range(context, context.topics.dlq),
         }
 
     @staticmethod
-    def _range(settings: Settings, topic: str) -> tuple[PartitionRange, Consumer]:
-        consumer = range_reader(settings)
+    def _range(context: BackfillContext, topic: str) -> tuple[PartitionRange, Consumer]:
+        consumer = context.new_reader()
         marks = watermarks(consumer, topic)
         starts = {p: low for p, (low, _high) in marks.items()}
         ends = {p: high for p, (_low, high) in marks.items()}
@@ -126,21 +128,37 @@ class _Export:
             self._add_dead_letters(dlq.read(timeout_s=0))
 
     def _add_results(self, batch: list[Message]) -> None:
+        """Write this backfill's new results; anything else on the topic (garbage bytes,
+        other backfills, forged attributes, see :mod:`backfill.completeness`) is skipped."""
         for message in batch:
-            head = decode_head(message.value())
+            value = message.value()
+            head = decode_head(value) if isinstance(value, bytes) else None
             if head is None or head.attributes.get("backfill_id") != self._tally.backfill_id:
                 continue
-            if not self._tally.first_time(head.id, head.attributes):
-                self._tally.duplicates += 1
+            result = self._result(value)
+            if result is None:  # a request-shaped or broken record: not a result
+                self._tally.foreign += 1
                 continue
-            try:
-                self._writer.add(self._results.decode(message.value() or b""))
-            except DecodeError:
-                continue  # a request-shaped record on the results topic: not a result
-            self._tally.written += 1
+            admission = self._tally.admit(result.id, result.attributes)
+            if admission == "duplicate":
+                self._tally.duplicates += 1
+            elif admission == "new":
+                self._writer.add(result)
+                self._tally.written += 1
+
+    def _result(self, value: bytes | None) -> ResultV1 | None:
+        """``value`` as a result whose outputs are readable arrays, else None."""
+        try:
+            result = self._results.decode(value or b"")
+            for tensor in result.outputs.values():
+                tensor_to_array(tensor)  # what the writer does; a broken tensor fails here
+        except (DecodeError, RecursionError, ValueError, TypeError, OverflowError):
+            return None
+        return result
 
     def _add_dead_letters(self, batch: list[Message]) -> None:
         for message in batch:
-            head = decode_head(message.value())  # the original request, best effort
+            letter = read_dead_letter(message)  # never raises, whatever the record holds
+            head = letter.head  # of the original request, best effort
             if head is not None and head.attributes.get("backfill_id") == self._tally.backfill_id:
-                self._tally.dead_letter(head.id, head.attributes, message)
+                self._tally.dead_letter(head.id, head.attributes, letter)

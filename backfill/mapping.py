@@ -17,7 +17,10 @@ row is sent. Values must be numbers (numeric strings such as CSV's are parsed; b
 as 1/0). A value that is missing, not a number, a list of the wrong length, or not integral
 for an integer input makes that row a reject (:class:`RowError`), reported with its row number.
 NaN, infinity and out-of-range values are *not* rejects: they make valid requests that the
-validate stage dead-letters, as it would for any client.
+validate stage dead-letters, as it would for any client. An integer too large for a float
+(JSON's ``1`` followed by 400 zeros), a list nested deeper than :data:`MAX_DEPTH` or holding
+more values than the input takes are rejects, found without building more than the input's
+values.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from stages.models import ModelSpec, TensorSpec
+from schemas.models import ModelSpec, TensorSpec
 
 WHOLE_RECORD: Final = "$"  # JSON lines whose record is a bare array: the array is the column
+MAX_DEPTH: Final = 64  # numpy's own limit on dimensions; deeper lists are never an example
 Array = npt.NDArray[Any]
 
 
@@ -173,6 +177,8 @@ def _packed_leaves(value: Any, mapped: InputColumns) -> list[Any]:
     if isinstance(value, str | bytes) and mapped.size != 1:
         try:
             value = msgspec.json.decode(value)
+        except RecursionError:
+            raise RowError("too_deep", f"column {column!r}: JSON nested too deep") from None
         except msgspec.DecodeError:
             raise RowError(
                 "not_a_number", f"column {column!r}: {str(value)[:60]!r} is not a JSON array"
@@ -180,23 +186,44 @@ def _packed_leaves(value: Any, mapped: InputColumns) -> list[Any]:
     if value is None:
         raise RowError("missing_value", f"column {column!r} is empty")
     if isinstance(value, list | tuple):
-        return list(_flatten(value))
+        if len(value) == mapped.size and not isinstance(value[0], list | tuple):
+            return list(value)  # flat, the usual case; _numbers checks every value
+        return _flatten(value, mapped)
     return [value]
 
 
-def _flatten(values: Iterable[Any]) -> Iterator[Any]:
-    for value in values:
-        if isinstance(value, list | tuple):
-            yield from _flatten(value)
+def _flatten(values: list[Any] | tuple[Any, ...], mapped: InputColumns) -> list[Any]:
+    """The leaves of nested lists, in order. Iterative (no recursion limit to hit) and it
+    stops as soon as there are more leaves than the input takes or the nesting is deeper
+    than any tensor."""
+    leaves: list[Any] = []
+    size = mapped.size
+    stack = [iter(values)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list | tuple):
+                if len(stack) >= MAX_DEPTH:
+                    where = mapped.columns[0]
+                    raise RowError("too_deep", f"column {where!r} nests over {MAX_DEPTH} deep")
+                stack.append(iter(value))
+                break
+            leaves.append(value)
+            if len(leaves) > size:
+                raise RowError(
+                    "wrong_length",
+                    f"input {mapped.spec.name!r} takes {mapped.size} values, column "
+                    f"{mapped.columns[0]!r} holds more",  # counting stopped there: no huge lists
+                )
         else:
-            yield value
+            stack.pop()
+    return leaves
 
 
 def _numbers(leaves: list[Any], mapped: InputColumns) -> npt.NDArray[np.float64]:
     """Fast path through numpy; on failure or NaN (None also becomes NaN) find the culprit."""
     try:
         numbers = np.asarray(leaves, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # Overflow: a Python int beyond float64
         return _numbers_slowly(leaves, mapped)
     if numbers.ndim != 1 or np.isnan(numbers).any():
         return _numbers_slowly(leaves, mapped)
@@ -215,7 +242,13 @@ def _number(value: Any, where: str) -> float:
     if value is None or value == "":
         raise RowError("missing_value", f"{where} is empty")
     if isinstance(value, bool | int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an exact integer (JSON) too large for any float
+            # (not str(value): Python refuses to print an int of over 4,300 digits)
+            bits = int(value).bit_length()
+            detail = f"{where}: a {bits}-bit integer, beyond float64"
+            raise RowError("out_of_range", detail) from None
     if isinstance(value, str):
         try:
             return float(value)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backfill.checkpoint import Checkpoint, CheckpointStore, RejectReport, SourceState
+from backfill.context import BackfillContext
 from backfill.engine import BackfillRun, Source
 from backfill.files import FileSource, fingerprint, new_file_state
 from backfill.ids import check_backfill_id, new_backfill_id
@@ -24,11 +25,9 @@ from backfill.mapping import MappingError, parse_columns_option, plan_mapping
 from backfill.pacing import ProgressLine, TokenBucket
 from backfill.readers import FORMATS, FileReader, Format, detect_format, open_reader
 from backfill.replay import ReplaySource, parse_timestamp, window_sources
-from backfill.topics import DeadLetterWatcher, range_reader
-from stages.models import ModelSpec
-from streaminfer.kafka import make_producer
-from streaminfer.settings import Settings
-from streaminfer.wiring import model_registry
+from backfill.topics import DeadLetterWatcher
+from schemas.models import ModelCatalog, ModelSpec
+from schemas.validation import request_size_limit
 
 _DLQ_LOOKBACK_MS = 60_000  # DLQ records carry the stage's clock; allow for skew
 
@@ -45,20 +44,20 @@ class Plan:
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
-def checkpoint_store(settings: Settings) -> CheckpointStore:
-    return CheckpointStore(settings.backfill.checkpoint_dir or settings.home / "backfills")
+def checkpoint_store(context: BackfillContext) -> CheckpointStore:
+    return CheckpointStore(context.checkpoint_dir)
 
 
-def plan_files(settings: Settings, args: argparse.Namespace) -> Plan:
-    store = checkpoint_store(settings)
+def plan_files(context: BackfillContext, args: argparse.Namespace) -> Plan:
+    store = checkpoint_store(context)
     if args.resume:
         checkpoint = _resumable(store, args, "files")
-        readers = [_resumed_reader(state, settings) for state in checkpoint.sources]
+        readers = [_resumed_reader(state, context) for state in checkpoint.sources]
     else:
         checkpoint = _new_checkpoint(store, args, "files", prefix="bf")
-        readers = _readers(args.paths, args.format, settings)
+        readers = _readers(args.paths, args.format, context)
         checkpoint.sources = [new_file_state(reader) for reader in readers]
-    spec = _model(settings, checkpoint)
+    spec = _model(context, checkpoint)
     option = parse_columns_option(checkpoint.columns)
     sources: list[Source] = []
     for reader, state in zip(readers, checkpoint.sources, strict=True):
@@ -80,10 +79,10 @@ def plan_files(settings: Settings, args: argparse.Namespace) -> Plan:
     return Plan(store=store, checkpoint=checkpoint, sources=sources)
 
 
-def plan_replay(settings: Settings, args: argparse.Namespace) -> Plan:
-    store = checkpoint_store(settings)
-    topic = settings.topics.requests
-    consumer = range_reader(settings)
+def plan_replay(context: BackfillContext, args: argparse.Namespace) -> Plan:
+    store = checkpoint_store(context)
+    topic = context.topics.requests
+    consumer = context.new_reader()
     if args.resume:
         checkpoint = _resumable(store, args, "replay")
     else:
@@ -96,7 +95,7 @@ def plan_replay(settings: Settings, args: argparse.Namespace) -> Plan:
         checkpoint.sources = window_sources(
             consumer, topic, checkpoint.replay_from_ms, checkpoint.replay_to_ms
         )
-    _model(settings, checkpoint)
+    _model(context, checkpoint)
     sources: list[Source] = [
         ReplaySource(
             consumer=consumer,
@@ -114,30 +113,32 @@ def plan_replay(settings: Settings, args: argparse.Namespace) -> Plan:
 
 @contextmanager
 def start_run(
-    settings: Settings, plan: Plan, *, stop: threading.Event, rate: float | None
+    context: BackfillContext, plan: Plan, *, stop: threading.Event, rate: float | None
 ) -> Iterator[BackfillRun]:
     """The send loop for ``plan``, with its producer, rejects report and DLQ watcher."""
     checkpoint = plan.checkpoint
     bid = checkpoint.backfill_id
     rejects = RejectReport(plan.store.rejects_path(bid))
     dead_letters = DeadLetterWatcher(
-        range_reader(settings),
-        settings.topics.dlq,
+        context.new_reader(),
+        context.topics.dlq,
         bid,
         since_ms=int(checkpoint.created_at * 1000) - _DLQ_LOOKBACK_MS,
     )
     run = BackfillRun(
-        producer=make_producer(settings),
-        topic=settings.topics.requests_backfill,
+        producer=context.new_producer(),
+        topic=context.topics.requests_backfill,
         store=plan.store,
         checkpoint=checkpoint,
         rejects=rejects,
         stop=stop,
         progress=ProgressLine(f"{'backfill' if checkpoint.kind == 'files' else 'replay'} {bid}"),
         pacer=TokenBucket(rate) if rate else None,
+        # the margin ingest keeps too: whatever is sent can flow to the end (or the DLQ)
+        max_request_bytes=request_size_limit(context.message_max_bytes),
         dead_letters=dead_letters,
-        checkpoint_interval_s=settings.backfill.checkpoint_interval_s,
-        drain_timeout_s=settings.kafka.delivery_timeout_s + 10,
+        checkpoint_interval_s=context.checkpoint_interval_s,
+        drain_timeout_s=context.delivery_timeout_s + 10,
     )
     try:
         yield run
@@ -198,21 +199,20 @@ def _resumable(store: CheckpointStore, args: argparse.Namespace, kind: str) -> C
     return checkpoint
 
 
-def _model(settings: Settings, checkpoint: Checkpoint) -> ModelSpec:
-    spec = model_registry(settings).spec(checkpoint.model)
+def _model(context: BackfillContext, checkpoint: Checkpoint) -> ModelSpec:
+    spec = ModelCatalog(context.models_dir).spec(checkpoint.model)
     spec.resolve_version(checkpoint.model_version)
     return spec
 
 
-def _readers(paths: list[str], fmt: str, settings: Settings) -> list[FileReader]:
+def _readers(paths: list[str], fmt: str, context: BackfillContext) -> list[FileReader]:
     if not paths:
         raise UsageError("no PATH given")
     files = [f for p in paths for f in _expand(Path(p), fmt)]
     resolved = [f.resolve() for f in files]
     if len(set(resolved)) != len(resolved):
         raise UsageError("a file is listed twice")
-    rows = settings.backfill.batch_rows
-    return [open_reader(f, _format(f, fmt), batch_rows=rows) for f in files]
+    return [_open(f, _format(f, fmt), context) for f in files]
 
 
 def _expand(path: Path, fmt: str) -> list[Path]:
@@ -239,14 +239,19 @@ def _format(path: Path, fmt: str) -> Format:
     return named.get(fmt) or detect_format(path)
 
 
-def _resumed_reader(state: SourceState, settings: Settings) -> FileReader:
+def _resumed_reader(state: SourceState, context: BackfillContext) -> FileReader:
     path = Path(state.name)
     if not path.exists():
         raise UsageError(f"{path} (in the checkpoint) no longer exists")
     if fingerprint(path) != state.fingerprint:
         raise UsageError(f"{path} changed since the checkpoint was written; cannot resume")
-    fmt = _format(path, state.format)
-    return open_reader(path, fmt, batch_rows=settings.backfill.batch_rows)
+    return _open(path, _format(path, state.format), context)
+
+
+def _open(path: Path, fmt: Format, context: BackfillContext) -> FileReader:
+    return open_reader(
+        path, fmt, batch_rows=context.batch_rows, max_row_bytes=context.max_row_bytes
+    )
 
 
 def _columns(args: argparse.Namespace) -> list[str] | None:

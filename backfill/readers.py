@@ -6,6 +6,11 @@ count. In a CSV file without blank lines or quoted line breaks, row ``N`` is lin
 in a JSON lines file without blank lines, row ``N`` is line ``N``; in Parquet, row ``N`` is
 the N-th row across row groups.
 
+No row stops a file: a CSV record or JSON line over ``max_row_bytes`` is skipped as it
+streams past (never held whole) and rejected as ``too_large``; a line that does not parse,
+nests too deep or holds a number no float can is rejected; Parquet lists are measured before
+they become Python objects (:mod:`backfill.convert`).
+
 A reader yields :class:`Chunk` s: the rows that became arrays (one array per model input, a
 row per request) and the rows that could not (:class:`Reject`, with row number and why),
 both in row order. ``after_row`` skips rows already done (``--resume``).
@@ -16,7 +21,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol
@@ -28,7 +32,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from backfill.convert import Chunk, Reject, arrow_chunk, empty_inputs, records_chunk
+from backfill.convert import MAX_CELL_BYTES, Chunk, Reject, arrow_chunk, records_chunk
+from backfill.csvrecords import Record, RecordCutter, TooLarge
 from backfill.mapping import WHOLE_RECORD, Mapping, MappingError
 
 Format = Literal["csv", "jsonl", "parquet"]
@@ -73,88 +78,164 @@ def detect_format(path: Path) -> Format:
     return found
 
 
-def open_reader(path: Path, fmt: Format, *, batch_rows: int = 4096) -> FileReader:
+def open_reader(
+    path: Path, fmt: Format, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
+) -> FileReader:
     if fmt == "csv":
-        return CsvReader(path, batch_rows=batch_rows)
+        return CsvReader(path, batch_rows=batch_rows, max_row_bytes=max_row_bytes)
     if fmt == "parquet":
-        return ParquetReader(path, batch_rows=batch_rows)
-    return JsonLinesReader(path, batch_rows=batch_rows)
+        return ParquetReader(path, batch_rows=batch_rows, max_row_bytes=max_row_bytes)
+    return JsonLinesReader(path, batch_rows=batch_rows, max_row_bytes=max_row_bytes)
 
 
 # --- CSV ----------------------------------------------------------------------------------
 
 
 class CsvReader:
-    """pyarrow's streaming CSV reader; every mapped column is read as text and parsed here,
-    so one bad value rejects its row rather than failing the whole block."""
+    """Records cut by :class:`RecordCutter` (so one oversized record is a reject, not the end
+    of the file), parsed by pyarrow a batch at a time. Every mapped column is read as text
+    and parsed here, so one bad value rejects its row rather than failing the batch; a batch
+    pyarrow refuses as a whole is parsed in halves until the refused records are found."""
 
     format: Format = "csv"
 
-    def __init__(self, path: Path, *, batch_rows: int = 4096, block_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
+    ) -> None:
         self.path = path
-        self._batch_rows = batch_rows  # pyarrow sizes CSV batches by bytes (block_bytes)
-        self._block_bytes = block_bytes
+        self._batch_rows = batch_rows
+        self._max_row_bytes = max_row_bytes
 
     def columns(self) -> list[str]:
-        with _open_text(self.path) as text:
-            header = next(csv.reader(text), None)
-        if not header:
-            raise MappingError(f"{self.path}: no header row")
-        return header
+        with _open_binary(self.path) as data:
+            for record in RecordCutter(data, max_bytes=self._max_row_bytes).records():
+                if isinstance(record, TooLarge):
+                    raise MappingError(f"{self.path}: the header row is over {record.size:,} bytes")
+                text = record.decode("utf-8-sig", errors="replace")
+                try:
+                    return next(csv.reader([text]))
+                except csv.Error as exc:
+                    raise MappingError(f"{self.path}: unreadable header row: {exc}") from None
+        raise MappingError(f"{self.path}: no header row")
 
     def estimate_rows(self) -> int | None:
         return max(_count_lines(self.path) - 1, 0)
 
     def chunks(self, mapping: Mapping, *, after_row: int = 0) -> Iterator[Chunk]:
-        skipped: deque[Reject] = deque()
-        reader = self._open(mapping, skipped)
-        next_row = 1
-        for batch in reader:
-            rows, rejects, next_row = _number_rows(next_row, batch.num_rows, skipped)
-            yield arrow_chunk(batch, rows, mapping, rejects=rejects, after_row=after_row)
-        if skipped:  # invalid rows after the last batch
-            tail = [r for r in skipped if r.row > after_row]
-            yield Chunk(rows=np.empty(0, np.int64), inputs=empty_inputs(mapping), rejects=tail)
-
-    def _open(self, mapping: Mapping, skipped: deque[Reject]) -> pa_csv.CSVStreamingReader:
-        def on_invalid(row: Any) -> str:
-            # row.number counts non-blank lines including the header, so it is our row + 1.
-            text = str(row.text)[:80]
-            detail = f"{row.actual_columns} fields, header has {row.expected_columns}: {text!r}"
-            skipped.append(Reject(int(row.number) - 1, "unparseable", detail))
-            return "skip"
-
         names = sorted({c for mapped in mapping for c in mapped.columns})
-        return pa_csv.open_csv(
-            str(self.path),
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=self._block_bytes),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pa_csv.ConvertOptions(
-                column_types={name: pa.string() for name in names},
-                include_columns=names,
-                strings_can_be_null=False,
-            ),
+        with _open_binary(self.path) as data:
+            records = RecordCutter(data, max_bytes=self._max_row_bytes).records()
+            header = next((r for r in records if isinstance(r, bytes)), None)
+            if header is None:
+                return
+            parser = _CsvBatchParser(header.removeprefix(_BOM), names)
+            for rows, batch, rejects in parser.batches(
+                records, self._batch_rows, self._max_row_bytes, after_row
+            ):
+                yield arrow_chunk(
+                    batch, rows, mapping, rejects=rejects, max_cell_bytes=self._max_row_bytes
+                )
+
+
+_BOM: Final = b"\xef\xbb\xbf"
+_CsvBatch = tuple[npt.NDArray[np.int64], pa.RecordBatch, list[Reject]]
+
+
+class _CsvBatchParser:
+    """Records -> Arrow batches of the ``names`` columns as text, with a reject per record
+    pyarrow cannot read."""
+
+    def __init__(self, header: bytes, names: list[str]) -> None:
+        self._header = header
+        self._convert = pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            include_columns=names,
+            strings_can_be_null=False,
         )
 
+    def batches(
+        self, records: Iterator[Record], batch_rows: int, batch_bytes: int, after_row: int
+    ) -> Iterator[_CsvBatch]:
+        """Groups of up to ``batch_rows`` records (or ``batch_bytes``), parsed; rows up to
+        ``after_row`` are counted but not parsed."""
+        rows: list[int] = []
+        texts: list[bytes] = []
+        rejects: list[Reject] = []
+        size = 0
+        for row, record in enumerate(records, start=1):
+            if row <= after_row:
+                continue
+            if isinstance(record, TooLarge):
+                detail = f"record of {record.size:,} bytes or more, over the {batch_bytes:,} limit"
+                rejects.append(Reject(row, "too_large", detail))
+            else:
+                rows.append(row)
+                texts.append(record)
+                size += len(record)
+            if len(rows) + len(rejects) >= batch_rows or size >= batch_bytes:
+                yield self._parsed(rows, texts, rejects)
+                rows, texts, rejects, size = [], [], [], 0
+        if rows or rejects:
+            yield self._parsed(rows, texts, rejects)
 
-def _number_rows(
-    first: int, count: int, skipped: deque[Reject]
-) -> tuple[npt.NDArray[np.int64], list[Reject], int]:
-    """Row numbers of a batch of ``count`` parsed rows starting at ``first``, stepping over
-    the invalid rows pyarrow skipped (``skipped``, ascending; consumed here). Also returns
-    the invalid rows met and the number of the row after the batch."""
-    if not skipped or skipped[0].row >= first + count:
-        return np.arange(first, first + count, dtype=np.int64), [], first + count
-    rows: list[int] = []
-    rejects: list[Reject] = []
-    row = first
-    while len(rows) < count:
-        if skipped and skipped[0].row == row:
-            rejects.append(skipped.popleft())
+    def _parsed(self, rows: list[int], texts: list[bytes], rejects: list[Reject]) -> _CsvBatch:
+        tables, refused = self._parse(rows, texts)
+        table = pa.concat_tables(tables) if tables else self._empty()
+        kept = sorted(set(rows) - {r.row for r in refused})
+        batch = table.combine_chunks().to_batches()
+        merged = sorted([*rejects, *refused], key=lambda r: r.row)
+        empty = pa.RecordBatch.from_pylist([], schema=table.schema)
+        return np.asarray(kept, dtype=np.int64), batch[0] if batch else empty, merged
+
+    def _parse(self, rows: list[int], texts: list[bytes]) -> tuple[list[pa.Table], list[Reject]]:
+        """Parse ``texts`` whole; when pyarrow refuses, or reads other than one row per
+        record (a quote this module's cut and pyarrow read differently), halve."""
+        if not texts:
+            return [], []
+        invalid: list[Reject] = []
+        try:
+            table = self._read(texts, rows, invalid)
+        except (pa.ArrowException, ValueError) as exc:
+            table, error = None, f"{exc}"[:200]
         else:
-            rows.append(row)
-        row += 1
-    return np.asarray(rows, dtype=np.int64), rejects, row
+            error = "pyarrow read it as other than one row"
+        aligned = all(r.row >= 0 for r in invalid)
+        if table is not None and aligned and table.num_rows + len(invalid) == len(texts):
+            return [table], invalid
+        if len(texts) == 1:
+            return [], [Reject(rows[0], "unparseable", error)]
+        half = len(texts) // 2
+        left, left_rejects = self._parse(rows[:half], texts[:half])
+        right, right_rejects = self._parse(rows[half:], texts[half:])
+        return left + right, left_rejects + right_rejects
+
+    def _read(self, texts: list[bytes], rows: list[int], invalid: list[Reject]) -> pa.Table:
+        def on_invalid(row: Any) -> str:
+            # row.number counts records including the header (texts hold no blank ones).
+            index = int(row.number or 0) - 2
+            if not 0 <= index < len(rows):  # pyarrow cut differently: _parse halves
+                invalid.append(Reject(-1, "unparseable", "misaligned"))
+                return "skip"
+            text = str(row.text)[:80]
+            detail = f"{row.actual_columns} fields, header has {row.expected_columns}: {text!r}"
+            invalid.append(Reject(rows[index], "unparseable", detail))
+            return "skip"
+
+        payload = b"\n".join([self._header, *texts, b""])
+        return pa_csv.read_csv(
+            io.BytesIO(payload),
+            read_options=pa_csv.ReadOptions(
+                use_threads=False, block_size=max(len(payload) + 1, 1 << 16)
+            ),
+            parse_options=pa_csv.ParseOptions(
+                newlines_in_values=True, invalid_row_handler=on_invalid
+            ),
+            convert_options=self._convert,
+        )
+
+    def _empty(self) -> pa.Table:
+        names = self._convert.include_columns
+        return pa.table({name: pa.array([], type=pa.string()) for name in names})
 
 
 # --- Parquet ------------------------------------------------------------------------------
@@ -165,9 +246,12 @@ class ParquetReader:
 
     format: Format = "parquet"
 
-    def __init__(self, path: Path, *, batch_rows: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
+    ) -> None:
         self.path = path
         self._batch_rows = batch_rows
+        self._max_cell_bytes = max_row_bytes
 
     def columns(self) -> list[str]:
         return list(pq.ParquetFile(self.path).schema_arrow.names)
@@ -187,7 +271,9 @@ class ParquetReader:
             for batch in batches:
                 rows = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
                 next_row += batch.num_rows
-                yield arrow_chunk(batch, rows, mapping, after_row=after_row)
+                yield arrow_chunk(
+                    batch, rows, mapping, after_row=after_row, max_cell_bytes=self._max_cell_bytes
+                )
 
 
 def _row_groups_after(metadata: Any, after_row: int) -> tuple[list[int], int]:
@@ -210,19 +296,22 @@ class JsonLinesReader:
 
     format: Format = "jsonl"
 
-    def __init__(self, path: Path, *, batch_rows: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
+    ) -> None:
         self.path = path
         self._batch_rows = batch_rows
+        self._max_row_bytes = max_row_bytes
 
     def columns(self) -> list[str]:
-        with _open_binary(self.path) as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    record = msgspec.json.decode(line)
-                except msgspec.DecodeError:
-                    continue  # reported as a reject when read; look for a readable one
+        for _row, line in self._numbered_lines(0):
+            if isinstance(line, TooLarge):
+                continue
+            try:
+                record = msgspec.json.decode(line)
+            except (msgspec.DecodeError, RecursionError):
+                continue  # reported as a reject when read; look for a readable one
+            else:
                 if isinstance(record, dict):
                     return list(record)
                 if isinstance(record, list):
@@ -238,21 +327,45 @@ class JsonLinesReader:
         records: list[Any] = []
         rejects: list[Reject] = []
         for row, line in self._numbered_lines(after_row):
-            try:
-                records.append(msgspec.json.decode(line))
+            record = self._decode(row, line)
+            if isinstance(record, Reject):
+                rejects.append(record)
+            else:
+                records.append(record)
                 rows.append(row)
-            except msgspec.DecodeError as exc:
-                rejects.append(Reject(row, "unparseable", f"not JSON: {exc}"))
             if len(rows) + len(rejects) >= self._batch_rows:
                 yield records_chunk(rows, records, mapping, rejects)
                 rows, records, rejects = [], [], []
         if rows or rejects:
             yield records_chunk(rows, records, mapping, rejects)
 
-    def _numbered_lines(self, after_row: int) -> Iterator[tuple[int, bytes]]:
+    def _decode(self, row: int, line: bytes | TooLarge) -> Any:
+        """The line's JSON value, or the :class:`Reject` saying why there is none."""
+        if isinstance(line, TooLarge):
+            detail = f"line of {line.size:,} bytes or more, over the {self._max_row_bytes:,} limit"
+            return Reject(row, "too_large", detail)
+        try:
+            return msgspec.json.decode(line)
+        except msgspec.DecodeError as exc:
+            return Reject(row, "unparseable", f"not JSON: {exc}"[:200])
+        except RecursionError:
+            return Reject(row, "too_deep", "JSON nested too deep to read")
+
+    def _numbered_lines(self, after_row: int) -> Iterator[tuple[int, bytes | TooLarge]]:
+        """Non-blank lines with their row numbers; a line over the limit is read past in
+        pieces and comes as :class:`TooLarge`. Lines up to ``after_row`` are only counted."""
         row = 0
+        limit = self._max_row_bytes
         with _open_binary(self.path) as lines:
-            for line in lines:
+            while line := lines.readline(limit + 1):
+                if len(line) > limit and not line.endswith(b"\n"):
+                    size = len(line)
+                    while (rest := lines.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        size += len(rest)
+                    row += 1
+                    if row > after_row:
+                        yield row, TooLarge(size + len(rest))
+                    continue
                 if not line.strip():
                     continue
                 row += 1

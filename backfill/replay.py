@@ -7,7 +7,8 @@ rows are offsets. A request for another model is skipped; a record that is not a
 a reject. Each replayed request gets the id ``<replay id>:<original id>``, no deadline, a
 fresh ``created_at``, the replay's model version, and the original attributes plus
 ``source=backfill``, ``backfill_id``, ``original_id``, ``file=kafka:<topic>:<partition>`` and
-``row=<offset>``.
+``row=<offset>``. It keeps the original record's tenant header, so its result lands under the
+original tenant; a record whose headers cannot be read is a reject (its tenant is unknown).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from confluent_kafka import Consumer, Message
 
 from backfill.checkpoint import SourceState
 from backfill.convert import Reject
-from backfill.engine import Item
+from backfill.engine import Item, TenantRequest
 from backfill.ids import replay_request_id
-from backfill.topics import PartitionRange, offsets_at, watermarks
-from schemas import Codec, DecodeError, RequestV1
+from backfill.topics import PartitionRange
+from kafkaio.dead_letters import header_map
+from kafkaio.offsets import end_offsets, offsets_at
+from schemas import Codec, DecodeError, Headers, RequestV1
 
 
 def parse_timestamp(text: str) -> int:
@@ -48,10 +51,7 @@ def window_sources(
 ) -> list[SourceState]:
     """One source per partition holding records in the window."""
     starts = offsets_at(consumer, topic, from_ms)
-    if to_ms is None:
-        ends = {p: high for p, (_low, high) in watermarks(consumer, topic).items()}
-    else:
-        ends = offsets_at(consumer, topic, to_ms)
+    ends = end_offsets(consumer, topic) if to_ms is None else offsets_at(consumer, topic, to_ms)
     return [
         SourceState(
             name=f"kafka:{topic}:{p}",
@@ -60,6 +60,7 @@ def window_sources(
             format="kafka",
             fingerprint=f"{starts[p]}-{ends[p]}",
             first_row=starts[p],
+            last_row=starts[p] - 1,  # nothing done yet; the default 0 would skip offset 0
             end_row=ends[p],
             estimated_rows=ends[p] - starts[p],
         )
@@ -99,14 +100,23 @@ class ReplaySource:
             for message in batch:
                 yield message.offset() or 0, self._item(message)
 
-    def _item(self, message: Message) -> RequestV1 | Reject | None:
+    def _item(self, message: Message) -> RequestV1 | TenantRequest | Reject | None:
         offset = message.offset() or 0
         try:
             original = self._codec.decode(message.value() or b"")
         except DecodeError as exc:
             return Reject(offset, "malformed", f"not an inference.request/1: {exc}")
+        try:
+            message.headers()  # raises on a header name that is not UTF-8
+        except Exception as exc:  # header_map() would read them as no headers, tenant lost
+            return Reject(offset, "malformed", f"its headers cannot be read: {exc}")
         if original.model != self._model:
             return None
+        replayed = self._replayed(original, offset)
+        tenant = header_map(message).get(Headers.TENANT)
+        return TenantRequest(replayed, tenant) if tenant else replayed
+
+    def _replayed(self, original: RequestV1, offset: int) -> RequestV1:
         return RequestV1(
             id=replay_request_id(self._replay_id, original.id),
             model=self._model,

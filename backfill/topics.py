@@ -9,71 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Final
 
-import msgspec
 from confluent_kafka import OFFSET_END, Consumer, Message, TopicPartition
 
-from streaminfer.kafka import make_consumer
-from streaminfer.settings import Settings
+from kafkaio.dead_letters import read_dead_letter
+from kafkaio.offsets import offsets_at
 
 log = logging.getLogger(__name__)
-_META_TIMEOUT_S: Final = 10.0
-
-
-class RecordHead(msgspec.Struct):
-    """The fields every pipeline message (request, validated request, result) shares; enough
-    to tell which backfill a record belongs to without decoding its tensors."""
-
-    id: str
-    attributes: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-_HEAD: Final = msgspec.msgpack.Decoder(RecordHead)
-
-
-def decode_head(value: bytes | None) -> RecordHead | None:
-    """The record's id and attributes, or None when it is not a pipeline message."""
-    if not value:
-        return None
-    try:
-        return _HEAD.decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def range_reader(settings: Settings) -> Consumer:
-    """A consumer for :class:`PartitionRange`; its group id is never used to commit."""
-    return make_consumer(
-        settings, group_id=f"{settings.kafka.topic_prefix}streaminfer.reader.{uuid.uuid4().hex}"
-    )
-
-
-def partitions(consumer: Consumer, topic: str) -> list[int]:
-    """Partition numbers of ``topic``; empty when the topic does not exist."""
-    found = consumer.list_topics(topic, timeout=_META_TIMEOUT_S).topics.get(topic)
-    if found is None or found.error is not None:
-        return []
-    return sorted(found.partitions)
-
-
-def watermarks(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:
-    """Per partition, (low, high) offsets right now."""
-    return {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_META_TIMEOUT_S)
-        for p in partitions(consumer, topic)
-    }
-
-
-def offsets_at(consumer: Consumer, topic: str, timestamp_ms: int) -> dict[int, int]:
-    """Per partition, the first offset whose timestamp is at or after ``timestamp_ms``
-    (Kafka's time index, ``offsets_for_times``); the end offset when there is none."""
-    marks = watermarks(consumer, topic)
-    wanted = [TopicPartition(topic, p, timestamp_ms) for p in marks]
-    found = consumer.offsets_for_times(wanted, timeout=_META_TIMEOUT_S) if wanted else []
-    return {tp.partition: marks[tp.partition][1] if tp.offset < 0 else tp.offset for tp in found}
 
 
 class PartitionRange:
@@ -171,7 +114,7 @@ class DeadLetterWatcher:
         for _ in range(10):  # bounded: the send loop must not stall here
             messages = self._consumer.consume(1000, timeout=0)
             for message in messages:
-                head = None if message.error() else decode_head(message.value())
+                head = None if message.error() else read_dead_letter(message).head
                 if head is not None and head.attributes.get("backfill_id") == self._backfill_id:
                     self.ids.add(head.id)
             if not messages:

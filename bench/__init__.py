@@ -1,1 +1,1 @@
-"""Benchmarks (never timed assertions in tests). ``streaminfer bench`` lives in ``bench.e2e``."""
+"""Benchmarks (never timed assertions in tests). `python -m bench` runs bench/e2e.py."""

@@ -49,9 +49,10 @@ from confluent_kafka import TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backfill.topics import range_reader, watermarks  # noqa: E402
-from ingest.producer import RequestProducer  # noqa: E402
+from kafkaio.offsets import end_offsets  # noqa: E402
+from kafkaio.produce import RequestProducer  # noqa: E402
 from schemas import Codec, RequestV1, StoredV1, tensor_from_array  # noqa: E402
+from streaminfer.contexts import range_reader  # noqa: E402
 from streaminfer.kafka import create_topics, make_admin, make_producer  # noqa: E402
 from streaminfer.settings import KafkaSettings, Settings  # noqa: E402
 from streaminfer.stack import group_ready  # noqa: E402
@@ -139,8 +140,8 @@ class StoredWatcher:
     def __init__(self, settings: Settings) -> None:
         self._consumer = range_reader(settings)
         topic = settings.topics.stored
-        marks = watermarks(self._consumer, topic)
-        self._consumer.assign([TopicPartition(topic, p, high) for p, (_l, high) in marks.items()])
+        ends = end_offsets(self._consumer, topic)
+        self._consumer.assign([TopicPartition(topic, p, end) for p, end in ends.items()])
         self._codec = Codec(StoredV1)
         self.live_ms: dict[int, float] = {}
         self.backfill_prefix = "\0"

@@ -20,7 +20,8 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from bench.options import ScenarioSpec
-from ingest.producer import RequestProducer
+from kafkaio.offsets import partitions
+from kafkaio.produce import RequestProducer
 from schemas import Codec, RequestV1, ResultV1, StoredV1, Tensor, Topics, tensor_from_array
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
@@ -64,6 +65,7 @@ class Driver:
         self._codec = Codec(StoredV1)
         self._results = Codec(ResultV1)
         self._store = result_store(settings.with_changes(kafka={"topic_prefix": topics.prefix}))
+        self._tenant = settings.kafka.default_tenant  # requests go to Kafka without a tenant
         self._pending: dict[str, float] = {}
 
     def close(self) -> None:
@@ -92,7 +94,7 @@ class Driver:
         stored results: the per-stage timestamps travel in each ``ResultV1``."""
         step = max(1, len(m.ids) // sample)
         picked = list(range(0, len(m.ids), step))
-        values = self._store.get_many([m.ids[i] for i in picked])
+        values = self._store.get_many(self._tenant, [m.ids[i] for i in picked])
         hops: dict[str, list[float]] = {"to validated": [], "to inferred": [], "to stored": []}
         for i, value in zip(picked, values, strict=True):
             if value is None:
@@ -153,7 +155,6 @@ def _consumer_from_start(settings: Settings, topic: str) -> Consumer:
     """A consumer of every partition of ``topic`` from the beginning (read_committed); the
     topic was created for this run, so everything in it is ours."""
     consumer = make_consumer(settings, group_id=f"bench-{uuid.uuid4().hex}")
-    metadata = consumer.list_topics(topic, timeout=10)
-    partitions = metadata.topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions(consumer, topic)]
+    consumer.assign(starts)
     return consumer

@@ -267,8 +267,7 @@ def report(runs: list[Run], rate: float) -> list[str]:
 
 def lag(settings: Settings) -> int:
     """Records the stages have not committed yet, summed over their input topics."""
-    from confluent_kafka import TopicPartition
-
+    from kafkaio.offsets import group_backlog
     from streaminfer.kafka import make_consumer
     from streaminfer.wiring import STAGE_NAMES, input_topics
 
@@ -278,12 +277,9 @@ def lag(settings: Settings) -> int:
         consumer = make_consumer(settings, group_id=settings.group_id(stage))
         try:
             for topic in input_topics(settings, stage):
-                meta = consumer.list_topics(topic, timeout=10).topics[topic]
-                parts = [TopicPartition(topic, p) for p in meta.partitions]
-                for tp in consumer.committed(parts, timeout=10):
-                    end = consumer.get_watermark_offsets(tp, timeout=10)[1]
-                    # +1: a transaction's commit marker takes an offset nobody consumes
-                    behind += max(0, end - max(tp.offset, 0) - 1)
+                backlog = group_backlog(consumer, topic)
+                # -1: a transaction's commit marker takes an offset nobody consumes
+                behind += sum(max(0, offsets - 1) for offsets in backlog.values())
         finally:
             consumer.close()
     return behind

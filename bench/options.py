@@ -1,5 +1,4 @@
-"""``streaminfer bench`` options: kept free of heavy imports, because the CLI builds every
-sub-parser on each start (stage processes included)."""
+"""``python -m bench`` options: kept free of heavy imports, so that ``--help`` answers at once."""
 
 from __future__ import annotations
 
@@ -54,8 +53,12 @@ class BenchOptions:
 
 
 def add_parser(sub: Any) -> None:
-    """Registers ``bench`` on the CLI's sub-parsers (called from streaminfer/cli.py)."""
-    bench = sub.add_parser("bench", help="end-to-end throughput/latency benchmark (bench/)")
+    """Registers ``bench`` on a parser's sub-parsers."""
+    add_arguments(sub.add_parser("bench", help="end-to-end throughput/latency benchmark"))
+
+
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    """The benchmark's options (``python -m bench``, bench/__main__.py)."""
     bench.add_argument("--quick", action="store_true", help="small sizes (smoke test, ~30 s)")
     bench.add_argument(
         "--guarantee",

@@ -1,4 +1,5 @@
-"""The HTTP API (FastAPI, served by uvicorn): ``create_app(settings)`` builds one.
+"""The HTTP API (FastAPI, served by uvicorn): ``create_app(config, service_factory)`` builds
+one; ``streaminfer/ingest_app.py`` builds both from the settings.
 
 Routes (README "HTTP API" has curl examples):
 
@@ -7,6 +8,9 @@ Routes (README "HTTP API" has curl examples):
 - ``POST /v1/predict?timeout=S``: one request; 200 with the result, 422 if dead-lettered,
   504 with the id when no result came within ``timeout`` after Kafka's acknowledgement.
 - ``GET /v1/results/{id}``: 200 with the result, 404 unknown or expired.
+
+With API keys, each key belongs to a tenant: records carry the tenant in a header and a key
+reads, awaits and settles only its tenant's results (``result:<tenant>:<id>``).
 - ``/healthz``, ``/readyz``, ``/metrics``; OpenAPI at ``/docs`` and ``/openapi.json``.
 
 Results are JSON with tensors as ``{dtype, shape, values}`` (:mod:`ingest.rendering`), or the
@@ -15,29 +19,44 @@ stored MessagePack ``ResultV1`` bytes as they are when the client sends
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at
-# definition time, and the predict timeout's bound comes from the settings in scope.
+# definition time, and the predict timeout's bound comes from the config in scope.
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
 from fastapi import FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.errors import ApiError, install_handlers, json_response
-from ingest.metrics import PrometheusIngestMetrics
-from ingest.middleware import ApiKeyGuard, RequestMetrics
+from ingest.metrics import IngestMetrics, PrometheusIngestMetrics
+from ingest.middleware import ApiKeyGuard, RequestMetrics, tenant_of
 from ingest.openapi import build_openapi, error_responses, request_body
 from ingest.payloads import MSGPACK_TYPES
 from ingest.rendering import result_json
-from ingest.service import IngestService, build_service
+from ingest.service import IngestService
 from ingest.waiters import DeadLettered, Stored
-from streaminfer.settings import Settings
 
 log = logging.getLogger(__name__)
 PROBES = ("/healthz", "/readyz")
 DOCS = ("/docs", "/docs/oauth2-redirect", "/openapi.json")
 _NO_KEY: dict[str, Any] = {"security": []}
+ServiceFactory = Callable[[IngestMetrics], IngestService]
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """What the HTTP layer needs: limits, timeouts, Retry-After values and the API keys."""
+
+    max_body_bytes: int  # 413 above
+    predict_timeout_s: float  # /v1/predict's default wait
+    predict_max_timeout_s: float  # the longest wait a client may ask for
+    busy_retry_after_s: int  # Retry-After of a 429
+    unavailable_retry_after_s: int  # Retry-After of a 503
+    default_tenant: str  # every request's tenant when there are no keys
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant; empty: open
+    public_docs: bool = False  # /docs and /openapi.json without a key
 
 
 class IngestApi(FastAPI):
@@ -51,37 +70,41 @@ class IngestApi(FastAPI):
         return self.openapi_schema
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ingest app; its Kafka and Redis clients are made at startup (lifespan)."""
-    settings = settings or Settings()
+def create_app(config: HttpConfig, *, service_factory: ServiceFactory) -> FastAPI:
+    """The ingest app. ``service_factory`` makes its service (Kafka and Redis clients) at
+    startup (lifespan), inside the worker process, handed the app's metrics."""
     registry = CollectorRegistry()
     app = IngestApi(
         title="streaminfer ingest",
         version="1",
         description="Send inference requests over HTTP; read results. See the README.",
-        lifespan=_lifespan(settings),
+        lifespan=_lifespan(service_factory),
     )
     metrics = PrometheusIngestMetrics(registry=registry, queue_depth=lambda: _queue_depth(app))
     app.state.metrics = metrics
     app.state.registry = registry
-    keys = settings.ingest.api_key_list()
-    app.api_keys_enabled = bool(keys)
-    open_paths = PROBES + (DOCS if settings.ingest.public_docs else ())
-    app.add_middleware(ApiKeyGuard, keys=keys, open_paths=open_paths)
+    app.api_keys_enabled = bool(config.api_keys)
+    open_paths = PROBES + (DOCS if config.public_docs else ())
+    app.add_middleware(
+        ApiKeyGuard,
+        keys=config.api_keys,
+        default_tenant=config.default_tenant,
+        open_paths=open_paths,
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
     install_handlers(
         app,
-        busy_retry_s=settings.ingest.busy_retry_after_s,
-        unavailable_retry_s=settings.ingest.unavailable_retry_after_s,
+        busy_retry_s=config.busy_retry_after_s,
+        unavailable_retry_s=config.unavailable_retry_after_s,
     )
-    _add_routes(app, settings)
+    _add_routes(app, config)
     return app
 
 
-def _lifespan(settings: Settings) -> Any:
+def _lifespan(service_factory: ServiceFactory) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = build_service(settings, app.state.metrics)
+        service = service_factory(app.state.metrics)
         await service.start()
         app.state.service = service
         try:
@@ -130,8 +153,8 @@ def result_response(request: Request, value: bytes, status: int = 200) -> Respon
     return json_response(status, result_json(value))
 
 
-def _add_routes(app: FastAPI, settings: Settings) -> None:
-    limit = settings.ingest.max_body_bytes
+def _add_routes(app: FastAPI, config: HttpConfig) -> None:
+    limit = config.max_body_bytes
 
     @app.post(
         "/v1/requests",
@@ -147,7 +170,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         service = _service(request)
         body = await read_body(request, limit)
         submissions = service.decoder.decode_body(body, request.headers.get("content-type"))
-        ids = await service.submit(submissions)
+        ids = await service.submit(submissions, tenant=tenant_of(request))
         return json_response(202, {"ids": ids})
 
     @app.post(
@@ -163,15 +186,15 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         request: Request,
         timeout: Annotated[
             float,
-            Query(gt=0, le=settings.ingest.predict_max_timeout_s, description="seconds to wait"),
-        ] = settings.ingest.predict_timeout_s,
+            Query(gt=0, le=config.predict_max_timeout_s, description="seconds to wait"),
+        ] = config.predict_timeout_s,
     ) -> Response:
         service = _service(request)
         body = await read_body(request, limit)
         (submission,) = service.decoder.decode_body(
             body, request.headers.get("content-type"), batch=False
         )
-        outcome = await service.predict(submission, timeout_s=timeout)
+        outcome = await service.predict(submission, tenant=tenant_of(request), timeout_s=timeout)
         request_id = submission.request.id
         if isinstance(outcome, Stored):
             return result_response(request, outcome.value)
@@ -192,7 +215,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
     async def result(
         request: Request, request_id: Annotated[str, Path(min_length=1, max_length=256)]
     ) -> Response:
-        value = await _service(request).result(request_id)
+        value = await _service(request).result(tenant_of(request), request_id)
         if value is None:
             raise ApiError(404, "not_found", f"no result for {request_id!r}", id=request_id)
         return result_response(request, value)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,20 +17,10 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, Message, Producer
 
 from ingest.payloads import Submission
-from schemas import Headers, RequestV1
-from schemas.messages import SCHEMA_NAMES
-from stages.records import HeaderList
+from kafkaio.produce import produce_request
 
 log = logging.getLogger(__name__)
-_SCHEMA = SCHEMA_NAMES[RequestV1].encode()
 QUEUE_FULL = "local producer queue full"  # Delivery.failed reason of records never queued
-
-
-def _traceparent() -> bytes:
-    """A fresh W3C traceparent, as ``stages.records.new_traceparent`` makes, but from the
-    process's PRNG: trace ids need to be unique, not secret, and this saves two ``urandom``
-    system calls per record on the API's hot path."""
-    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-01".encode()
 
 
 class QueueFull(Exception):
@@ -114,14 +103,17 @@ class AsyncProducer:
         """Records queued or in flight (not yet acknowledged)."""
         return len(self._producer)
 
-    def send(self, batch: Sequence[Submission]) -> asyncio.Future[Delivery]:
-        """Queue every record of ``batch`` (call on the event loop); never blocks."""
+    def send(
+        self, batch: Sequence[Submission], *, tenant: bytes | None = None
+    ) -> asyncio.Future[Delivery]:
+        """Queue every record of ``batch`` (call on the event loop); never blocks. ``tenant``
+        goes into every record's tenant header."""
         if self.queue_depth() + len(batch) > self._queue_limit:
             raise QueueFull(f"producer queue holds {self.queue_depth()} records")
         pending = _PendingBatch(asyncio.get_running_loop(), len(batch))
         for index, submission in enumerate(batch):
             try:
-                self._produce(submission, pending)
+                self._produce(submission, pending, tenant)
             except BufferError:
                 if index == 0:
                     raise QueueFull("producer queue is full") from None
@@ -132,23 +124,23 @@ class AsyncProducer:
                 break
         return pending.future
 
-    def _produce(self, submission: Submission, pending: _PendingBatch) -> None:
+    def _produce(
+        self, submission: Submission, pending: _PendingBatch, tenant: bytes | None
+    ) -> None:
         request_id = submission.request.id
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             pending.report(request_id, err)
 
-        headers: HeaderList = [
-            (Headers.CONTENT_TYPE, Headers.MSGPACK),
-            (Headers.SCHEMA, _SCHEMA),
-            (Headers.TRACEPARENT, _traceparent()),
-        ]
-        self._producer.produce(
+        # No waiting for room: send() turns a full queue into backpressure (429) itself.
+        produce_request(
+            self._producer,
             self._topic,
             value=submission.value,
             key=submission.partition_key.encode(),
-            headers=headers,
             on_delivery=on_delivery,
+            tenant=tenant,
+            wait_for_room=False,
         )
 
     def _poll(self) -> None:

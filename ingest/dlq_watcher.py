@@ -16,42 +16,30 @@ import time
 import uuid
 from collections.abc import Callable
 
-import msgspec
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from ingest.waiters import DeadLettered
-from schemas import Headers
+from kafkaio.dead_letters import read_dead_letter
 
 log = logging.getLogger(__name__)
-
-
-class _RequestId(msgspec.Struct):
-    """Only the id of a request (RequestV1 or ValidatedRequestV1); other fields ignored."""
-
-    id: str
-
-
-_IDS = msgspec.msgpack.Decoder(_RequestId)
 
 OnDeadLetter = Callable[[str, DeadLettered], None]
 
 
 def dead_letter_of(message: Message) -> tuple[str, DeadLettered] | None:
-    """The request id and DLQ headers of a dead-letter record (None if it names no id)."""
-    raw = message.headers() or []
-    pairs = raw.items() if isinstance(raw, dict) else raw  # consumed records carry a list
-    headers = {name: v for name, v in pairs if isinstance(v, bytes)}
+    """The request id and DLQ headers of a dead-letter record (None if it names no id).
+    Never raises, whatever the record holds (:func:`kafkaio.dead_letters.read_dead_letter`)."""
+    letter = read_dead_letter(message)
+    if letter.request_id is None:
+        return None
     outcome = DeadLettered(
-        reason=headers.get(Headers.DLQ_REASON, b"unknown").decode(errors="replace"),
-        message=headers.get(Headers.DLQ_ERROR, b"").decode(errors="replace"),
-        stage=headers.get(Headers.DLQ_STAGE, b"").decode(errors="replace"),
+        reason=letter.reason,
+        message=letter.error,
+        stage=letter.stage,
+        # The original request's headers travel with it: its tenant settles only its waiters.
+        tenant=letter.tenant,
     )
-    value = message.value()
-    try:
-        return _IDS.decode(value or b"").id, outcome
-    except msgspec.DecodeError:
-        key = message.key()
-        return (key.decode(errors="replace"), outcome) if key else None
+    return letter.request_id, outcome
 
 
 class DlqWatcher:
@@ -113,5 +101,9 @@ class DlqWatcher:
 
     def _handle(self, message: Message) -> None:
         found = dead_letter_of(message)
-        if found is not None and self._wanted(found[0]):
+        if found is None or not self._wanted(found[0]):
+            return
+        try:
             self._notify(*found)
+        except Exception:  # one waiter's failure must not end the thread for every other
+            log.exception("dlq watcher: notifying the waiter of %r failed", found[0])

@@ -1,7 +1,8 @@
 """HTTP error responses: one JSON shape for every error the API returns.
 
-``{"error": <code>, "message": <sentence>, ...details}``; 422 adds ``errors``, a list of
-``{path, reason, message}`` (``path`` like ``$[3].inputs.input``, ``reason`` a DLQ reason code).
+``{"error": <code>, "message": <sentence>, ...details}``; 422 (and the 413 of a request too
+large for the pipeline) adds ``errors``, a list of ``{path, reason, message}`` (``path`` like
+``$[3].inputs.input``, ``reason`` a DLQ reason code or ``too_large``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 
 from ingest.delivery import QueueFull
-from ingest.payloads import BatchTooLarge, InvalidBody, UnsupportedMediaType
+from ingest.payloads import BatchTooLarge, InvalidBody, RequestTooLarge, UnsupportedMediaType
+from ingest.service import KafkaUnavailable, NotAcknowledged, Overloaded
 from ingest.waiters import ResultsUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,16 +63,16 @@ def install_handlers(app: FastAPI, *, busy_retry_s: int, unavailable_retry_s: in
     """Map the domain exceptions raised below the routes to their HTTP answers."""
     handlers: dict[type[Exception], Any] = {
         ApiError: lambda e: e,
-        InvalidBody: lambda e: ApiError(
-            422,
-            "invalid_request",
-            str(e),
-            errors=[{"path": f.path, "reason": f.reason, "message": f.message} for f in e.errors],
-        ),
+        InvalidBody: lambda e: _field_errors(422, "invalid_request", e),
+        RequestTooLarge: lambda e: _field_errors(413, "request_too_large", e),
         BatchTooLarge: lambda e: ApiError(413, "batch_too_large", str(e)),
         UnsupportedMediaType: lambda e: ApiError(415, "unsupported_media_type", str(e)),
         QueueFull: lambda e: ApiError(
             429, "overloaded", f"{e}; retry later", headers={"Retry-After": str(busy_retry_s)}
+        ),
+        Overloaded: lambda e: _not_acknowledged(429, "overloaded", e, busy_retry_s),
+        KafkaUnavailable: lambda e: _not_acknowledged(
+            503, "kafka_unavailable", e, unavailable_retry_s
         ),
         ResultsUnavailable: lambda e: _unavailable(
             "redis_unavailable", str(e), unavailable_retry_s
@@ -87,6 +89,25 @@ def _handler(to_error: Any) -> Any:
         return error_response(to_error(exc))
 
     return handle
+
+
+def _not_acknowledged(status: int, code: str, exc: NotAcknowledged, retry_s: int) -> ApiError:
+    """Part of a batch is not in Kafka: name what is and what is not, so a client resends
+    only the failed ids."""
+    message = f"{exc}; retry them later" if status == 429 else str(exc)
+    return ApiError(
+        status,
+        code,
+        message,
+        headers={"Retry-After": str(retry_s)},
+        acknowledged=exc.acknowledged,
+        failed=sorted(exc.failed),
+    )
+
+
+def _field_errors(status: int, code: str, exc: InvalidBody) -> ApiError:
+    errors = [{"path": f.path, "reason": f.reason, "message": f.message} for f in exc.errors]
+    return ApiError(status, code, str(exc), errors=errors)
 
 
 def _unavailable(code: str, message: str, retry_s: int) -> ApiError:

@@ -4,31 +4,55 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.errors import ApiError, error_response
 from ingest.metrics import IngestMetrics
 
+_TENANT = "streaminfer.tenant"  # the ASGI scope entry holding the request's tenant
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant :class:`ApiKeyGuard` authenticated this request as."""
+    tenant = request.scope.get(_TENANT)
+    if not isinstance(tenant, str):
+        raise RuntimeError("ApiKeyGuard must wrap the routes that need a tenant")
+    return tenant
+
 
 class ApiKeyGuard:
-    """With keys configured: 401 without a key, 403 with a wrong one, except ``open_paths``.
+    """With keys configured: 401 without a key, 403 with a wrong one, except ``open_paths``;
+    a right key's tenant is the request's (:func:`tenant_of`). Without keys every request is
+    ``default_tenant``'s.
 
-    A key is sent as ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``; comparison is
-    constant-time.
+    ``keys`` maps each key to its tenant. A key is sent as ``X-API-Key: <key>`` or
+    ``Authorization: Bearer <key>``; comparison is constant-time.
     """
 
-    def __init__(self, app: ASGIApp, *, keys: Iterable[str], open_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Mapping[str, str],
+        default_tenant: str,
+        open_paths: Iterable[str],
+    ) -> None:
         self._app = app
-        self._keys = [key.encode() for key in keys]
+        self._keys = [(key.encode(), tenant) for key, tenant in keys.items()]
+        self._default_tenant = default_tenant
         self._open = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or scope["path"] in self._open:
+            if not self._keys:  # open paths with keys on need no tenant: they serve none
+                scope[_TENANT] = self._default_tenant
             await self._app(scope, receive, send)
             return
         presented = presented_key(scope["headers"])
+        tenant = self._tenant(presented) if presented is not None else None
         if presented is None:
             error = ApiError(
                 401,
@@ -36,12 +60,20 @@ class ApiKeyGuard:
                 "an API key is required (X-API-Key or Authorization: Bearer)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        elif not any(hmac.compare_digest(presented, key) for key in self._keys):
+        elif tenant is None:
             error = ApiError(403, "forbidden", "the API key is not valid")
         else:
+            scope[_TENANT] = tenant
             await self._app(scope, receive, send)
             return
         await error_response(error)(scope, receive, send)
+
+    def _tenant(self, presented: bytes) -> str | None:
+        found = None
+        for key, tenant in self._keys:  # every key compared: the time says nothing of which
+            if hmac.compare_digest(presented, key):
+                found = tenant
+        return found
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -70,6 +102,7 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        self._metrics.in_flight(1)
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -80,6 +113,7 @@ class RequestMetrics:
         try:
             await self._app(scope, receive, send_status)
         finally:
+            self._metrics.in_flight(-1)
             # The router stores the matched route in the scope; its template keeps the label
             # set small (/v1/results/{request_id:path}, not one label per id).
             route = getattr(scope.get("route"), "path", "unmatched")

@@ -102,10 +102,12 @@ _ERROR_TEXT: Final = {
     401: "no API key (when keys are configured)",
     403: "wrong API key",
     404: "no such result (unknown id, or expired)",
-    413: "body over the size limit, or too many requests in one batch",
+    413: "body over the size limit, too many requests in one batch, or a request too large "
+    "for the pipeline (`request_too_large`: `errors` names it, reason `too_large`)",
     415: "body neither JSON nor MessagePack",
-    422: "invalid request: `errors` gives each field path and reason; for predict also a "
-    "dead-lettered request (`reason` is the DLQ reason)",
+    422: "invalid request (including bodies nested too deeply, numbers out of range, "
+    "impossible shapes, absurd times): `errors` gives each field path and reason; for "
+    "predict also a dead-lettered request (`reason` is the DLQ reason)",
     429: "the producer queue is full (backpressure); retry after `Retry-After` seconds",
     503: "Kafka (or Redis) did not answer in time; nothing without an acknowledgement is "
     "reported accepted. Retry after `Retry-After` seconds",

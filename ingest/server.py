@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import uvicorn
 
-from ingest.app import create_app
-from streaminfer.settings import Settings
 
+def serve(factory: str, *, host: str, port: int, workers: int) -> int:
+    """Serve the app ``factory`` (an import string ``module:function`` returning the app)
+    until SIGTERM/SIGINT; uvicorn drains open requests, then the app flushes Kafka.
 
-def serve(settings: Settings, *, host: str, port: int, workers: int) -> int:
-    """Run until SIGTERM/SIGINT; uvicorn drains open requests, then the app flushes Kafka."""
+    An import string, not an app: with ``workers`` > 1 each worker process imports it and
+    builds its own app (and Kafka/Redis clients), and serves its own /metrics."""
     # proxy_headers off: the API listens directly by default, and it saves one middleware
     # layer per request (put a proxy in front and set FORWARDED_ALLOW_IPS if you need it).
-    if workers == 1:
-        uvicorn.run(
-            create_app(settings), host=host, port=port, access_log=False, proxy_headers=False
-        )
-    else:
-        # Each worker process builds its own app (and Kafka/Redis clients) from the
-        # environment, and serves its own /metrics (see README "HTTP API").
-        uvicorn.run(
-            "ingest.app:create_app",
-            factory=True,
-            workers=workers,
-            host=host,
-            port=port,
-            access_log=False,
-            proxy_headers=False,
-        )
+    uvicorn.run(
+        factory,
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        access_log=False,
+        proxy_headers=False,
+    )
     return 0

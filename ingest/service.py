@@ -1,9 +1,14 @@
 """What the HTTP routes do, without HTTP: submit, predict, look up, check readiness.
 
-:class:`IngestService` owns one process's clients: the Kafka producer (polled by its own
-thread), an asyncio Redis client, the result waiters (one pub/sub connection) and the DLQ
-watcher. Build it with :func:`build_service`; ``start()`` and ``close()`` run in the app's
-lifespan, inside the worker process.
+:class:`IngestService` owns one process's clients, handed to it built (the wiring lives in
+``streaminfer/ingest_app.py``): the Kafka producer (polled by its own thread), an asyncio
+Redis client, the result waiters (one pub/sub connection) and the DLQ watcher. ``start()`` and
+``close()`` run in the app's lifespan, inside the worker process.
+
+Every call names the tenant (ingest learns it from the API key): records carry it in their
+``streaminfer.tenant`` header, and results are read and awaited under that tenant only.
+Failures are domain exceptions (:class:`Overloaded`, :class:`KafkaUnavailable`, ``QueueFull``,
+``ResultsUnavailable``); ``ingest/errors.py`` turns them into HTTP answers.
 """
 
 from __future__ import annotations
@@ -11,31 +16,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
 import redis.asyncio as aioredis
 from confluent_kafka import Consumer, Producer
 
 from ingest.delivery import AsyncProducer, Delivery
 from ingest.dlq_watcher import DlqWatcher
-from ingest.errors import ApiError
 from ingest.metrics import IngestMetrics
 from ingest.payloads import RequestDecoder, Submission
 from ingest.waiters import DeadLettered, Outcome, ResultWaiters, Stored
-from sinks.redis_store import ResultStore
-from streaminfer.kafka import make_consumer, make_producer
-from streaminfer.settings import Settings
-from streaminfer.wiring import model_registry
+from schemas.keys import ResultKeys
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Timeouts:
-    delivery_s: float
-    probe_s: float
-    unavailable_retry_s: int
+class ServiceConfig:
+    """What the service needs to know besides its clients."""
+
+    requests_topic: str
+    dlq_topic: str
+    keys: ResultKeys
+    delivery_timeout_s: float  # the producer's delivery.timeout.ms, in seconds
+    probe_timeout_s: float  # readiness checks, and Redis confirming a subscription
+    queue_max_records: int  # the producer's queue.buffering.max.messages
+
+
+class NotAcknowledged(Exception):
+    """Kafka did not acknowledge every record of a batch: ``acknowledged`` ids are in Kafka,
+    ``failed`` maps each other id to why (a client resends just those)."""
+
+    def __init__(self, message: str, delivery: Delivery) -> None:
+        super().__init__(message)
+        self.acknowledged = list(delivery.acknowledged)
+        self.failed = dict(delivery.failed)
+
+
+class Overloaded(NotAcknowledged):
+    """The producer's queue filled up part-way through a batch (backpressure)."""
+
+
+class KafkaUnavailable(NotAcknowledged):
+    """Kafka did not acknowledge some records in time, or refused them."""
 
 
 class IngestService:
@@ -45,34 +70,26 @@ class IngestService:
     def __init__(
         self,
         *,
-        settings: Settings,
+        config: ServiceConfig,
+        default_tenant: str,
         decoder: RequestDecoder,
         kafka: Producer,
         redis_client: aioredis.Redis,
+        dlq_consumer: Callable[[], Consumer],
         metrics: IngestMetrics,
     ) -> None:
         self.decoder = decoder
         self.metrics = metrics
-        self._settings = settings
+        self._config = config
+        self._default_tenant = default_tenant
         self._kafka = kafka
         self._redis = redis_client
-        # Only for the key and channel names (one definition, in sinks/): this client is never
-        # used, so it never connects.
-        self._names = ResultStore(client=redis.Redis(), ttl_s=1, prefix=settings.kafka.topic_prefix)
-        self._timeouts = Timeouts(
-            delivery_s=settings.ingest.delivery_timeout_s,
-            probe_s=settings.ingest.probe_timeout_s,
-            unavailable_retry_s=settings.ingest.unavailable_retry_after_s,
-        )
+        self._dlq_consumer = dlq_consumer
         self.producer = AsyncProducer(
-            producer=kafka,
-            topic=settings.topics.requests,
-            queue_limit=settings.ingest.queue_max_records,
+            producer=kafka, topic=config.requests_topic, queue_limit=config.queue_max_records
         )
         self.waiters = ResultWaiters(
-            client=redis_client,
-            channel_prefix=self._names.channel(""),
-            confirm_timeout_s=settings.ingest.probe_timeout_s,
+            client=redis_client, keys=config.keys, confirm_timeout_s=config.probe_timeout_s
         )
         self._dlq: DlqWatcher | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -83,7 +100,7 @@ class IngestService:
         self._reader = loop.create_task(self.waiters.run(), name="result-notifications")
         self._dlq = DlqWatcher(
             consumer_factory=self._dlq_consumer,
-            topic=self._settings.topics.dlq,
+            topic=self._config.dlq_topic,
             wanted=self.waiters.is_waiting,
             notify=lambda rid, dead: self._on_loop(loop, rid, dead),
         )
@@ -92,7 +109,12 @@ class IngestService:
     def _on_loop(
         self, loop: asyncio.AbstractEventLoop, request_id: str, dead: DeadLettered
     ) -> None:
-        loop.call_soon_threadsafe(self.waiters.settle, request_id, dead)
+        loop.call_soon_threadsafe(self._dead_lettered, request_id, dead)
+
+    def _dead_lettered(self, request_id: str, dead: DeadLettered) -> None:
+        # A dead letter without a tenant header came from a record without one: the default
+        # tenant's. Only that tenant's waiters of the id hear of it.
+        self.waiters.settle(dead.tenant or self._default_tenant, request_id, dead)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -101,37 +123,48 @@ class IngestService:
                 await self._reader
         if self._dlq is not None:
             await asyncio.to_thread(self._dlq.stop)
-        unsent = await asyncio.to_thread(self.producer.close, self._timeouts.delivery_s)
+        unsent = await asyncio.to_thread(self.producer.close, self._config.delivery_timeout_s)
         if unsent:
             log.warning("%d records were not acknowledged by Kafka at shutdown", unsent)
         await self._redis.aclose()  # also closes the waiters' pub/sub connection
 
-    async def submit(self, submissions: list[Submission]) -> list[str]:
-        """Produce every submission; returns their ids once Kafka acknowledged all of them.
+    async def submit(self, submissions: list[Submission], *, tenant: str) -> list[str]:
+        """Produce every submission as ``tenant``'s; returns their ids once Kafka
+        acknowledged all of them.
 
-        Raises ``QueueFull`` (nothing queued), or an :class:`ApiError` naming the ids Kafka
-        acknowledged and those it did not: 429 when the queue filled up part-way, else 503.
+        Raises ``QueueFull`` (nothing queued), :class:`Overloaded` (the queue filled up
+        part-way) or :class:`KafkaUnavailable`, both naming what Kafka did and did not take.
         """
-        future = self.producer.send(submissions)
+        queued_at = time.perf_counter()
+        future = self.producer.send(submissions, tenant=tenant.encode())
         try:
             # librdkafka reports a timeout itself after delivery.timeout.ms; the margin only
             # guards against a report that never comes.
-            delivery = await asyncio.wait_for(future, self._timeouts.delivery_s + 5)
+            delivery = await asyncio.wait_for(future, self._config.delivery_timeout_s + 5)
         except TimeoutError:
             delivery = Delivery(failed={s.request.id: "no delivery report" for s in submissions})
+        if delivery.ok:
+            self.metrics.produce_acknowledged(time.perf_counter() - queued_at)
         self.metrics.records_produced(len(delivery.acknowledged))
         if delivery.only_queue_full:
-            raise self._overloaded(delivery)
+            raise Overloaded(
+                f"{len(delivery.failed)} record(s) did not fit the producer queue", delivery
+            )
         if not delivery.ok:
-            raise self._kafka_unavailable(delivery)
+            reasons = "; ".join(sorted(set(delivery.failed.values())))
+            raise KafkaUnavailable(
+                f"Kafka did not acknowledge {len(delivery.failed)} record(s): {reasons}", delivery
+            )
         return [s.request.id for s in submissions]
 
-    async def predict(self, submission: Submission, *, timeout_s: float) -> Outcome | None:
-        """Produce one request and wait up to ``timeout_s`` (after Kafka's acknowledgement)
-        for its outcome; None when it did not come in time."""
+    async def predict(
+        self, submission: Submission, *, tenant: str, timeout_s: float
+    ) -> Outcome | None:
+        """Produce one request as ``tenant``'s and wait up to ``timeout_s`` (after Kafka's
+        acknowledgement) for its outcome; None when it did not come in time."""
         request_id = submission.request.id
-        async with self.waiters.waiting(request_id) as outcome:
-            await self.submit([submission])
+        async with self.waiters.waiting(tenant, request_id) as outcome:
+            await self.submit([submission], tenant=tenant)
             try:
                 found: Outcome | None = await asyncio.wait_for(outcome, timeout_s)
             except TimeoutError:
@@ -139,13 +172,15 @@ class IngestService:
         if found is None:
             # A notification lost to a Redis reconnect still leaves the result in Redis.
             with contextlib.suppress(Exception):
-                value = await self._redis.get(self._names.key(request_id))
+                value = await self._redis.get(self._config.keys.key(tenant, request_id))
                 found = Stored(value) if isinstance(value, bytes) else None
         self.metrics.predict_outcome(_outcome_name(found))
         return found
 
-    async def result(self, request_id: str) -> bytes | None:
-        value = await self._redis.get(self._names.key(request_id))
+    async def result(self, tenant: str, request_id: str) -> bytes | None:
+        """``tenant``'s stored result of ``request_id`` (None: unknown, expired, or another
+        tenant's)."""
+        value = await self._redis.get(self._config.keys.key(tenant, request_id))
         return value if isinstance(value, bytes) else None
 
     async def readiness(self) -> dict[str, str]:
@@ -154,10 +189,10 @@ class IngestService:
         return {"kafka": kafka, "redis": redis_state}
 
     async def _kafka_state(self) -> str:
-        topic = self._settings.topics.requests
+        topic = self._config.requests_topic
         try:
             metadata = await asyncio.to_thread(
-                self._kafka.list_topics, topic, timeout=self._timeouts.probe_s
+                self._kafka.list_topics, topic, timeout=self._config.probe_timeout_s
             )
         except Exception as exc:
             return f"unreachable: {exc}"
@@ -168,71 +203,14 @@ class IngestService:
 
     async def _redis_state(self) -> str:
         try:
-            async with asyncio.timeout(self._timeouts.probe_s):
+            async with asyncio.timeout(self._config.probe_timeout_s):
                 await self._redis.ping()
         except Exception as exc:
             return f"unreachable: {exc!r}"
         return "ok"
-
-    def _overloaded(self, delivery: Delivery) -> ApiError:
-        """The queue filled up mid-batch: 429 like a batch refused whole, naming what Kafka
-        did take, so a client can resend just the rest."""
-        return ApiError(
-            429,
-            "overloaded",
-            f"{len(delivery.failed)} record(s) did not fit the producer queue; retry them later",
-            headers={"Retry-After": str(self._settings.ingest.busy_retry_after_s)},
-            acknowledged=delivery.acknowledged,
-            failed=sorted(delivery.failed),
-        )
-
-    def _kafka_unavailable(self, delivery: Delivery) -> ApiError:
-        reasons = sorted(set(delivery.failed.values()))
-        return ApiError(
-            503,
-            "kafka_unavailable",
-            f"Kafka did not acknowledge {len(delivery.failed)} record(s): {'; '.join(reasons)}",
-            headers={"Retry-After": str(self._timeouts.unavailable_retry_s)},
-            acknowledged=delivery.acknowledged,
-            failed=sorted(delivery.failed),
-        )
-
-    def _dlq_consumer(self) -> Consumer:
-        settings = self._settings
-        return make_consumer(
-            settings,
-            group_id=DlqWatcher.group_id(settings.kafka.topic_prefix),
-            **{"partition.assignment.strategy": "range", "auto.offset.reset": "latest"},
-        )
 
 
 def _outcome_name(outcome: Outcome | None) -> str:
     if outcome is None:
         return "timeout"
     return "dead_lettered" if isinstance(outcome, DeadLettered) else "ok"
-
-
-def build_service(settings: Settings, metrics: IngestMetrics) -> IngestService:
-    """An :class:`IngestService` with its clients built from ``settings``."""
-    kafka = make_producer(
-        settings,
-        **{
-            "linger.ms": settings.ingest.linger_ms,
-            "delivery.timeout.ms": int(settings.ingest.delivery_timeout_s * 1000),
-            "queue.buffering.max.messages": settings.ingest.queue_max_records,
-        },
-    )
-    registry = model_registry(settings) if settings.ingest.check_models else None
-    decoder = RequestDecoder(registry=registry, max_batch=settings.ingest.max_batch_records)
-    redis_client = aioredis.Redis.from_url(
-        settings.redis.url.get_secret_value(),
-        socket_connect_timeout=settings.ingest.probe_timeout_s,
-        socket_timeout=settings.ingest.probe_timeout_s,
-    )
-    return IngestService(
-        settings=settings,
-        decoder=decoder,
-        kafka=kafka,
-        redis_client=redis_client,
-        metrics=metrics,
-    )

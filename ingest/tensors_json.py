@@ -48,7 +48,7 @@ def tensor_from_values(raw: list[Any] | dict[str, Any], *, default_dtype: str) -
         return tensor_from_array(_numbers(raw, default_dtype, path=""))
     if "data" in raw:
         raise TensorValueError("", "give either `data` (base64) or `values`, not both")
-    unknown = sorted(set(raw) - {"dtype", "shape", "values"})
+    unknown = sorted(str(k) for k in set(raw) - {"dtype", "shape", "values"})
     if unknown:
         raise TensorValueError("", f"unknown tensor fields {unknown}")
     dtype = raw.get("dtype", default_dtype)
@@ -65,8 +65,10 @@ def _numbers(values: object, dtype: str, *, path: str) -> npt.NDArray[np.generic
         raise TensorValueError(path, "values must be a (nested) list of numbers")
     try:
         inferred = np.asarray(values)
-    except ValueError:  # ragged nesting
-        raise TensorValueError(path, "nested lists must have equal lengths") from None
+    except ValueError:  # ragged, or nested deeper than numpy's dimension limit
+        raise TensorValueError(
+            path, "nested lists must have equal lengths (and few levels)"
+        ) from None
     target = np.dtype(dtype)
     if inferred.size == 0:
         return inferred.astype(target)
@@ -89,4 +91,7 @@ def _reshape(array: npt.NDArray[np.generic], shape: object) -> npt.NDArray[np.ge
         raise TensorValueError(
             ".shape", f"shape {shape} needs {math.prod(shape)} values, got {array.size}"
         )
-    return array.reshape(shape)
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # e.g. [0, 2**62]: no values, but numpy cannot index it
+        raise TensorValueError(".shape", f"shape {shape} is not possible: {exc}") from None

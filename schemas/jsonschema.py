@@ -9,6 +9,7 @@ On the Kafka wire the values are MessagePack: a field the schema types as a base
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +35,7 @@ def generate() -> dict[str, str]:
     """File name -> JSON text, one self-contained schema per message type."""
     files: dict[str, str] = {}
     for struct, schema_name in SCHEMA_NAMES.items():
-        schema: dict[str, Any] = msgspec.json.schema(struct)
+        schema: dict[str, Any] = normalise(msgspec.json.schema(struct))
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": schema_name,
@@ -44,6 +45,24 @@ def generate() -> dict[str, str]:
         }
         files[file_name(schema_name)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return files
+
+
+def normalise(node: Any) -> Any:
+    """``node`` with every ``description`` cleaned the way ``inspect.cleandoc`` cleans docstrings.
+
+    msgspec renders a Struct's docstring as-is up to 0.22 and dedented from 0.23 on; cleaning
+    it here makes the files the same whatever msgspec version generated them.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else normalise(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [normalise(item) for item in node]
+    return node
 
 
 def write(directory: Path = SCHEMA_DIR) -> list[Path]:

@@ -70,7 +70,7 @@ def _base_fields(result: ResultV1) -> dict[str, Any]:
         "id": result.id,
         "backfill_id": attributes.get("backfill_id"),
         "file": attributes.get("file"),
-        "row": int(row) if row.isdigit() else None,
+        "row": int(row) if row.isascii() and row.isdigit() and len(row) <= 19 else None,
         "original_id": attributes.get("original_id"),
         "model": result.model,
         "model_version": result.model_version,

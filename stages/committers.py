@@ -12,6 +12,11 @@ restarted worker fences its zombie and aborts the zombie's open transaction at o
 handling follows librdkafka's ``examples/transactions.c``: retriable -> retry; abortable
 (``txn_requires_abort``) -> abort and raise :class:`TransactionAborted` so the runtime
 rewinds to the committed offsets; fatal or fenced -> recreate the producer, then the same.
+
+Neither loops forever on a record the producer refuses for its size (the runtime checks
+sizes before, with an estimate; this is the safety net): :func:`produce` raises
+:class:`OutputTooLarge`, so does a delivery report that says so, and the runtime then
+dead-letters the record instead of retrying it.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from typing import Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from stages.errors import DeliveryFailed, TransactionAborted
-from stages.records import Output
+from kafkaio.produce import QueueStuck, RecordTooLarge, is_too_large, produce_waiting
+from stages.errors import DeliveryFailed, OutputTooLarge, TransactionAborted
+from stages.metrics import NullMetrics, StageMetrics
+from stages.records import HeaderList, Output, wire_size
 
 log = logging.getLogger(__name__)
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
@@ -69,7 +76,9 @@ class Committer(Protocol):
     def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
         """Hand over one batch. Raises :class:`DeliveryFailed` (at-least-once: nothing of
         this batch committed) or :class:`TransactionAborted` (exactly-once: everything since
-        the last commit discarded; rewind to the committed offsets)."""
+        the last commit discarded; rewind to the committed offsets). Either raises
+        :class:`OutputTooLarge` (a TransactionAborted: rewind) for an output the producer
+        refused for its size."""
         ...
 
     def commit(self) -> None:
@@ -87,21 +96,46 @@ class Committer(Protocol):
     def close(self) -> None: ...
 
 
-def produce(producer: Producer, output: Output, on_delivery: DeliveryCallback | None) -> None:
-    """``producer.produce`` that waits for room when the local queue is full."""
-    while True:
-        try:
-            producer.produce(
-                output.topic,
-                value=output.value,
-                key=output.key,
-                headers=list(output.headers),
-                on_delivery=on_delivery,
-            )
-            return
-        except BufferError:
-            # Local queue full: serve delivery reports to make room, then try again.
-            producer.poll(0.05)
+def produce(
+    producer: Producer,
+    output: Output,
+    on_delivery: DeliveryCallback | None,
+    *,
+    queue_timeout_s: float = 30.0,
+) -> None:
+    """``producer.produce`` that waits for room when the local queue is full.
+
+    Raises :class:`OutputTooLarge` when the producer refuses ``output`` for its size (or the
+    queue cannot hold it even empty), :class:`DeliveryFailed` when the queue stays full for
+    ``queue_timeout_s`` (nothing is being delivered).
+    """
+    try:
+        produce_waiting(
+            producer,
+            output.topic,
+            value=output.value,
+            key=output.key,
+            headers=list(output.headers),
+            on_delivery=on_delivery,
+            queue_timeout_s=queue_timeout_s,
+        )
+    except RecordTooLarge as exc:
+        size = wire_size(output)
+        raise OutputTooLarge(f"{size} bytes: {exc}", size=size) from exc
+    except QueueStuck as exc:
+        raise DeliveryFailed(str(exc)) from exc
+
+
+def _message_size(msg: Message) -> int:
+    """Our estimate of a refused record's size (without headers if they cannot be read)."""
+    try:
+        raw = msg.headers() or []
+    except Exception:  # header names that are not UTF-8: their few bytes are left out
+        raw = []
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    headers: HeaderList = [(str(pair[0]), pair[1]) for pair in pairs]
+    output = Output(topic="", key=msg.key(), value=msg.value() or b"", headers=headers)
+    return wire_size(output)
 
 
 class AtLeastOnceCommitter:
@@ -116,14 +150,19 @@ class AtLeastOnceCommitter:
 
     def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
         failures: list[str] = []
+        refused: list[int] = []  # sizes of records the broker refused as too large
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if is_too_large(err):
+                refused.append(_message_size(msg))
+            elif err is not None:
                 failures.append(str(err))
 
         for output in outputs:
-            produce(self._producer, output, on_delivery)
+            produce(self._producer, output, on_delivery, queue_timeout_s=self._delivery_timeout_s)
         remaining = self._producer.flush(self._delivery_timeout_s)
+        if refused:
+            raise OutputTooLarge(f"the broker refused {max(refused)} bytes", size=max(refused))
         if remaining or failures:
             detail = failures[0] if failures else f"{remaining} records not acknowledged"
             raise DeliveryFailed(f"{len(failures) + remaining} outputs not delivered: {detail}")
@@ -159,8 +198,10 @@ class TransactionalCommitter:
         max_records: int,
         max_interval_s: float,
         timeout_s: float,
+        metrics: StageMetrics | None = None,
     ) -> None:
         self._factory = producer_factory
+        self._metrics: StageMetrics = metrics or NullMetrics()
         self._consumer = consumer
         self._max_records = max_records
         self._max_interval_s = max_interval_s
@@ -170,6 +211,7 @@ class TransactionalCommitter:
         self._opened_at = 0.0
         self._records = 0
         self._offsets: dict[tuple[str, int], int] = {}
+        self._refused: list[int] = []  # sizes the broker refused in the open transaction
 
     def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
         try:
@@ -177,8 +219,8 @@ class TransactionalCommitter:
                 self._producer.begin_transaction()
                 self._open, self._opened_at, self._records = True, time.monotonic(), 0
             for output in outputs:
-                produce(self._producer, output, None)
-        except KafkaException as exc:
+                produce(self._producer, output, self._on_delivery, queue_timeout_s=self._timeout_s)
+        except (KafkaException, OutputTooLarge, DeliveryFailed) as exc:
             self._fail(exc)
         for tp in offsets:
             self._offsets[(tp.topic, tp.partition)] = tp.offset
@@ -195,6 +237,7 @@ class TransactionalCommitter:
         if not self._open:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+        started = time.monotonic()
         try:
             with _watchdog(3 * self._timeout_s):
                 if offsets:
@@ -204,6 +247,7 @@ class TransactionalCommitter:
         except KafkaException as exc:
             self._fail(exc)
         self._reset()
+        self._metrics.transaction_committed(time.monotonic() - started)
 
     def _commit_transaction(self) -> None:
         deadline = time.monotonic() + self._timeout_s
@@ -220,6 +264,7 @@ class TransactionalCommitter:
     def abort(self) -> None:
         if not self._open:
             return
+        self._metrics.transaction_aborted()
         try:
             self._producer.abort_transaction(self._timeout_s)
         except KafkaException as exc:
@@ -230,25 +275,38 @@ class TransactionalCommitter:
     def close(self) -> None:
         try:
             self.commit()
-        except TransactionAborted:
+        except TransactionAborted:  # OutputTooLarge included
             log.warning("final commit aborted; the next owner reprocesses from committed offsets")
 
-    def _fail(self, exc: KafkaException) -> None:
-        """Abort (or, when fatal, recreate the producer) and raise TransactionAborted."""
-        error: KafkaError = exc.args[0]
-        if error.txn_requires_abort():
-            log.warning("transaction must abort: %s", error)
-            self.abort()
-        else:
-            log.error("producer failed fatally (%s); recreating it", error)
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        # Any failed delivery makes the transaction abortable; this notes which were refused
+        # for their size, so that the abort says so (and the runtime stops retrying them).
+        if is_too_large(err):
+            self._refused.append(_message_size(msg))
+
+    def _fail(self, exc: KafkaException | OutputTooLarge | DeliveryFailed) -> None:
+        """Abort (or, when fatal, recreate the producer) and raise TransactionAborted (its
+        subclass OutputTooLarge when a record was refused for its size)."""
+        refused = max(self._refused, default=0)
+        if isinstance(exc, KafkaException) and not exc.args[0].txn_requires_abort():
+            log.error("producer failed fatally (%s); recreating it", exc.args[0])
+            self._metrics.transaction_aborted()  # the open transaction dies with the producer
             self._producer = self._new_producer()
             self._reset()
-        raise TransactionAborted(str(error)) from exc
+        else:
+            log.warning("transaction must abort: %s", exc.args[0])
+            self.abort()
+        if isinstance(exc, OutputTooLarge):
+            raise exc
+        if refused:
+            raise OutputTooLarge(f"the broker refused {refused} bytes", size=refused) from exc
+        raise TransactionAborted(str(exc.args[0])) from exc
 
     def _reset(self) -> None:
         self._open = False
         self._records = 0
         self._offsets.clear()
+        self._refused.clear()
 
     def _new_producer(self) -> Producer:
         """A producer with our transactional.id; ``init_transactions`` fences any zombie

@@ -3,46 +3,92 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from typing import Final, get_args
 
 from schemas import Headers
-from stages.errors import DlqLimitExceeded
-from stages.records import HeaderList, Output, Rejection
+from schemas.validation import DLQ_ERROR_MAX_CHARS
+from stages.errors import DlqLimitExceeded, Reason
+from stages.records import HeaderList, Output, Rejection, wire_size
 
+ALL_REASONS: Final = frozenset(get_args(Reason))
 # Rejections that say "the request is bad" (the client's fault). Any other rejection says
-# "the pipeline cannot process good input" (a broken model, a bug) and counts against the
-# budget.
+# "the pipeline cannot process good input" (a broken model, a bug).
 CLIENT_REASONS: Final = frozenset(
-    {"malformed", "unknown_model", "signature_mismatch", "non_finite", "out_of_range", "expired"}
+    {
+        "malformed",
+        "unknown_model",
+        "signature_mismatch",
+        "non_finite",
+        "out_of_range",
+        "expired",
+        "too_large",
+    }
 )
+# What counts against the budget at the first stage, where every client error is found.
+PIPELINE_REASONS: Final = ALL_REASONS - CLIENT_REASONS
+# ...and after it: a record that validate let through but is malformed or too large now
+# means an upstream bug (or a model whose outputs are too large), not a bad request.
+DOWNSTREAM_REASONS: Final = PIPELINE_REASONS | {"malformed", "too_large"}
 
 
-def dlq_output(rejection: Rejection, *, stage: str, dlq_topic: str) -> Output:
-    """The rejected record's original key, value and headers, plus the ``dlq.*`` headers."""
+def dlq_output(
+    rejection: Rejection, *, stage: str, dlq_topic: str, max_bytes: int | None = None
+) -> Output:
+    """The rejected record's original key, value and headers, plus the ``dlq.*`` headers.
+
+    When that would exceed ``max_bytes`` (see :func:`~stages.records.wire_size`), the value
+    is cut to fit and ``dlq.truncated`` gives its original length; if the original headers
+    alone are too large, they are dropped as well (the ``dlq.*`` headers always stay, so
+    the source coordinates say where the whole record is).
+    """
     record = rejection.record
-    headers: HeaderList = [
-        *record.headers,
+    dlq_headers: HeaderList = [
         (Headers.DLQ_STAGE, stage.encode()),
         (Headers.DLQ_REASON, rejection.reason.encode()),
-        (Headers.DLQ_ERROR, rejection.detail[:4000].encode()),
+        (Headers.DLQ_ERROR, rejection.detail[:DLQ_ERROR_MAX_CHARS].encode(errors="replace")),
         (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
         (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
         (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
     ]
-    return Output(topic=dlq_topic, key=record.key, value=record.value, headers=headers)
+    output = Output(
+        topic=dlq_topic,
+        key=record.key,
+        value=record.value,
+        headers=[*record.headers, *dlq_headers],
+    )
+    if max_bytes is None or wire_size(output) <= max_bytes:
+        return output
+    truncated = (Headers.DLQ_TRUNCATED, str(len(record.value)).encode())
+    for headers in ([*record.headers, *dlq_headers, truncated], [*dlq_headers, truncated]):
+        room = max_bytes - wire_size(replace(output, value=b"", headers=headers))
+        if room >= 0:
+            return replace(output, value=record.value[:room], headers=headers)
+    # Not even the dlq.* headers and the key fit: keep why and where, drop the rest.
+    coordinates = [h for h in dlq_headers if h[0] != Headers.DLQ_ERROR]
+    return Output(topic=dlq_topic, key=None, value=b"", headers=[*coordinates, truncated])
 
 
 class DlqBudget:
     """Fails when more than ``max_ratio`` of the last ``window`` records were dead-lettered
-    for pipeline faults (see :data:`CLIENT_REASONS`), once ``min_records`` were seen.
+    for one of ``counted_reasons`` (pipeline faults), once ``min_records`` were seen.
 
-    At the validate stage every rejection is the client's fault, so only ``stage_error``
-    counts there; from infer on, a ``malformed`` input means an upstream bug and counts too.
+    Which reasons are pipeline faults depends on where the stage sits (see
+    :data:`PIPELINE_REASONS` and :data:`DOWNSTREAM_REASONS`); whoever builds the stage says.
     """
 
-    def __init__(self, *, stage: str, max_ratio: float, window: int, min_records: int) -> None:
+    def __init__(
+        self,
+        *,
+        stage: str,
+        counted_reasons: Collection[str],
+        max_ratio: float,
+        window: int,
+        min_records: int,
+    ) -> None:
         self._stage = stage
+        self._counted = frozenset(counted_reasons)
         self._max_ratio = max_ratio
         self._window = window
         self._min_records = min_records
@@ -51,9 +97,7 @@ class DlqBudget:
         self._failed = 0
 
     def counts(self, rejection: Rejection) -> bool:
-        if self._stage == "validate":
-            return rejection.reason not in CLIENT_REASONS
-        return rejection.reason not in CLIENT_REASONS - {"malformed"}
+        return rejection.reason in self._counted
 
     def observe(self, batch_size: int, rejected: Sequence[Rejection]) -> None:
         """Account for one batch; raises :class:`DlqLimitExceeded` before it is published."""

@@ -13,6 +13,7 @@ Reason = Literal[
     "expired",
     "inference_error",
     "stage_error",
+    "too_large",
 ]
 
 
@@ -46,6 +47,18 @@ class DeliveryFailed(Exception):
 class TransactionAborted(Exception):
     """The open Kafka transaction was aborted (outputs and offsets discarded together): the
     runtime rewinds its partitions to the committed offsets and reprocesses."""
+
+
+class OutputTooLarge(TransactionAborted):
+    """The producer refused an output as over its maximum size (``size`` is our estimate of
+    it), although the runtime's own check let it through. Nothing since the last commit is
+    published (exactly-once: the transaction was aborted), as for any
+    :class:`TransactionAborted`; the runtime also lowers its size limit under ``size``, so the
+    replayed record is dead-lettered as ``too_large`` instead of failing again."""
+
+    def __init__(self, detail: str, *, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
 
 
 class DlqLimitExceeded(Exception):

@@ -19,8 +19,10 @@ import numpy.typing as npt
 
 from schemas import Codec, DecodeError, ResultV1, Tensor, ValidatedRequestV1, tensor_from_array
 from schemas.messages import SCHEMA_NAMES, DType
+from schemas.models import ModelSpec
 from schemas.tensors import tensor_to_array
-from stages.models import ModelRegistry, ModelSpec
+from stages.metrics import NullMetrics, StageMetrics
+from stages.models import ModelRegistry
 from stages.records import BatchOutcome, Output, Record, Rejection, output_headers
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,20 @@ class InferStage:
         *,
         registry: ModelRegistry,
         output_topic: str,
+        metrics: StageMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry = registry
         self._output_topic = output_topic
+        self._metrics: StageMetrics = metrics or NullMetrics()
         self._clock = clock
+        self._consumed_at = time.perf_counter()  # when the batch in hand reached the stage
         self._requests = Codec(ValidatedRequestV1)
         self._results = Codec(ResultV1)
 
     def process(self, batch: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome.empty()
+        self._consumed_at = time.perf_counter()
         now = self._clock()
         groups: dict[tuple[str, str], list[tuple[Record, ValidatedRequestV1]]] = defaultdict(list)
         for record in batch:
@@ -110,7 +116,16 @@ class InferStage:
             for i in spec.inputs
         }
         names = [o.name for o in spec.outputs]
-        return dict(zip(names, session.run(names, feeds), strict=True))
+        started = time.perf_counter()
+        outputs = session.run(names, feeds)
+        self._metrics.model_run(
+            model=spec.name,
+            version=version,
+            requests=len(requests),
+            queue_s=started - self._consumed_at,
+            compute_s=time.perf_counter() - started,
+        )
+        return dict(zip(names, outputs, strict=True))
 
     def _result(
         self, request: ValidatedRequestV1, rows: _RowOutputs, row: int, inferred_at: float

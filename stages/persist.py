@@ -3,24 +3,34 @@
 Input: ``inference.results`` (``ResultV1``). Output: ``inference.stored`` (``StoredV1``).
 Redis first, offsets after: the batch is written in one pipeline and the stored notices are
 only produced (and offsets committed) once Redis acknowledged. Redis errors are transient
-(:class:`SinkUnavailable`): the runtime rewinds and retries, nothing is dead-lettered.
+(:class:`SinkUnavailable`): the runtime rewinds and retries, nothing is dead-lettered. That
+includes Redis refusing writes for lack of memory (OOM): persist waits, counts it
+(``streaminfer_redis_oom_total``) and says what the operator should do.
+
+Each result is stored under its record's tenant (the ``streaminfer.tenant`` header ingest set,
+else ``default_tenant``): ``result:<tenant>:<id>``, so tenants never share a key.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 
 import redis
 
-from schemas import Codec, DecodeError, ResultV1, StoredV1
+from schemas import Codec, DecodeError, Headers, ResultV1, StoredV1
+from schemas.keys import DEFAULT_TENANT, tenant_of
 from schemas.messages import SCHEMA_NAMES
 from sinks.redis_store import ResultStore
 from stages.errors import SinkUnavailable
 from stages.metrics import NullMetrics, StageMetrics
 from stages.records import BatchOutcome, Output, Record, Rejection, output_headers
 
+log = logging.getLogger(__name__)
 _SCHEMA = SCHEMA_NAMES[StoredV1]
+# Memory does not come back in milliseconds: wait longer than after a dropped connection.
+OOM_RETRY_AFTER_S = 2.0
 
 
 class PersistStage:
@@ -31,11 +41,13 @@ class PersistStage:
         *,
         store: ResultStore,
         output_topic: str,
+        default_tenant: str = DEFAULT_TENANT,
         metrics: StageMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._output_topic = output_topic
+        self._default_tenant = default_tenant
         self._metrics: StageMetrics = metrics or NullMetrics()
         self._clock = clock
         self._results = Codec(ResultV1)
@@ -43,7 +55,7 @@ class PersistStage:
 
     def process(self, batch: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome.empty()
-        accepted: list[tuple[Record, ResultV1]] = []
+        accepted: list[tuple[Record, ResultV1, str]] = []
         for record in batch:
             try:
                 result = self._results.decode(record.value)
@@ -51,32 +63,67 @@ class PersistStage:
                 detail = f"not a valid inference.result/1: {exc}"
                 outcome.rejected.append(Rejection(record, "malformed", detail))
                 continue
+            tenant = tenant_of(record.header(Headers.TENANT), self._default_tenant)
             # The original bytes are stored: no re-encoding, and readers get what infer wrote.
-            self._store.add(result.id, record.value)
-            accepted.append((record, result))
-        try:
-            self._store.flush()
-        except redis.RedisError as exc:
-            self._store.discard()
-            raise SinkUnavailable(f"Redis write failed: {exc}") from exc
+            self._store.add(tenant, result.id, record.value)
+            accepted.append((record, result, tenant))
+        self._flush()
         stored_at = self._clock()
-        for record, result in accepted:
+        for record, result, tenant in accepted:
             self._metrics.end_to_end(stored_at - result.created_at)
-            notice = StoredV1(
-                id=result.id,
-                model=result.model,
-                model_version=result.model_version,
-                key=self._store.key(result.id),
-                created_at=result.created_at,
-                stored_at=stored_at,
-                label=result.label,
-            )
-            outcome.outputs.append(
-                Output(
-                    topic=self._output_topic,
-                    key=record.key,
-                    value=self._notices.encode(notice),
-                    headers=output_headers(record, _SCHEMA),
-                )
-            )
+            outcome.outputs.append(self._notice(record, result, tenant, stored_at))
         return outcome
+
+    def _flush(self) -> None:
+        started = time.perf_counter()
+        try:
+            written = self._store.flush()
+        except redis.RedisError as exc:
+            self._metrics.redis_command(
+                command="pipeline", seconds=time.perf_counter() - started, ok=False
+            )
+            self._store.discard()
+            if is_out_of_memory(exc):
+                self._metrics.redis_oom()
+                log.error(
+                    "persist: Redis is out of memory (maxmemory reached and nothing it may "
+                    "evict); results wait in Kafka and are retried. Operator: give Redis more "
+                    "maxmemory, use an eviction policy that frees results "
+                    "(volatile-ttl or allkeys-lru), or lower STREAMINFER_REDIS_RESULT_TTL_S"
+                )
+                raise SinkUnavailable(
+                    f"Redis is out of memory: {exc}", retry_after_s=OOM_RETRY_AFTER_S
+                ) from exc
+            raise SinkUnavailable(f"Redis write failed: {exc}") from exc
+        if written:  # an empty flush asks Redis nothing
+            self._metrics.redis_command(
+                command="pipeline", seconds=time.perf_counter() - started, ok=True
+            )
+
+    def _notice(self, record: Record, result: ResultV1, tenant: str, stored_at: float) -> Output:
+        notice = StoredV1(
+            id=result.id,
+            model=result.model,
+            model_version=result.model_version,
+            key=self._store.keys.key(tenant, result.id),
+            created_at=result.created_at,
+            stored_at=stored_at,
+            label=result.label,
+        )
+        return Output(
+            topic=self._output_topic,
+            key=record.key,
+            value=self._notices.encode(notice),
+            headers=output_headers(record, _SCHEMA),
+        )
+
+
+def is_out_of_memory(exc: redis.RedisError) -> bool:
+    """Redis answered OOM (``maxmemory`` reached). A pipeline prefixes the server's message
+    with ``Command # N (...) of pipeline caused error:``, so look past that."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return False
+    message = str(exc).rpartition("caused error: ")[2]
+    return message.startswith("OOM")

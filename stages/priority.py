@@ -26,6 +26,11 @@ broker for the groups' committed offsets and the topics' end offsets every ``int
 Between two readings the gate counts what it let in since the reading started (credit), so
 a stale reading cannot let a burst through. A reading older than ``stale_after_s`` (broker
 unreachable, say) is ignored rather than blocking the backfill forever.
+
+Who does what: :class:`PriorityGate` only decides (no Kafka client, no clock); the runner
+reads the live lag with :class:`LiveLagReader`, hands the gate the latest reading and the
+time, and holds the partitions it names paused under the reason ``priority``. The
+:class:`DownstreamBacklog` thread is started and closed by whoever builds the runner.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,20 @@ class DownstreamBacklog:
         )
         self._thread.start()
 
+    @contextmanager
+    def running(self, admitted: Callable[[], int]) -> Iterator[None]:
+        """The reading thread runs while in this block (given to the runner, which enters
+        it for as long as it runs)."""
+        self.start(admitted)
+        try:
+            yield
+        finally:
+            self.close()
+
+    def reading(self) -> Reading | None:
+        """The latest reading (None before the first)."""
+        return self.latest
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -136,14 +156,110 @@ class DownstreamBacklog:
         return self._partitions[topic]
 
 
+@dataclass(frozen=True)
+class LiveLag:
+    """The live partitions' backlog: ``lag`` records not consumed yet (None while unknown)
+    and ``end``, the sum of their end offsets (it grows when live requests arrive)."""
+
+    lag: int | None
+    end: int
+
+
+Partition = tuple[str, int]
+
+
+class LiveLagReader:
+    """Reads :class:`LiveLag` from the consumer without a broker round trip per batch: the
+    watermarks cached by the last fetches, and the consumer's positions.
+
+    A partition that has delivered no record since it was assigned has no position
+    (librdkafka reports ``OFFSET_INVALID`` until the application consumes from it). It is
+    fetching from its committed offset, so that offset is asked once (a broker round trip,
+    remembered until the partition delivers a record or is revoked). Taking the log start
+    instead, as if the group were new, counted a consumed history as a live backlog for as
+    long as no live request came: after a restart, the backfill never started.
+    """
+
+    def __init__(self, consumer: Consumer, *, timeout_s: float = 5.0) -> None:
+        self._consumer = consumer
+        self._timeout_s = timeout_s
+        self._committed: dict[Partition, int] = {}
+
+    def read(self, partitions: Collection[Partition]) -> LiveLag:
+        tps = [TopicPartition(t, p) for t, p in sorted(partitions)]
+        positions = self._consumer.position(tps) if tps else []
+        watermarks = {
+            (tp.topic, tp.partition): self._consumer.get_watermark_offsets(tp, cached=True)
+            for tp in tps
+        }
+        starts = self._starts(positions, watermarks)
+        lag: int | None = 0
+        end = 0
+        for key, (low, high) in watermarks.items():
+            start = starts.get(key)
+            end += max(high, 0)
+            if high < 0 or start is None:
+                lag = None  # not fetched yet (or its start is unknown): backlog unknown
+            elif lag is not None:
+                lag += max(0, high - max(start, low))
+        return LiveLag(lag, end)
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        """``partitions`` were revoked (or lost): a new assignment fetches from a new start."""
+        for key in partitions:
+            self._committed.pop(key, None)
+
+    def _starts(
+        self, positions: Sequence[TopicPartition], watermarks: dict[Partition, tuple[int, int]]
+    ) -> dict[Partition, int]:
+        """Where each partition is (or will be) consumed from."""
+        starts: dict[Partition, int] = {}
+        unknown: list[Partition] = []
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0:
+                starts[key] = tp.offset
+                self._committed.pop(key, None)  # a rewind may leave it unknown again later
+            elif key in self._committed:
+                starts[key] = self._committed[key]
+            elif watermarks[key][1] >= 0:  # asked only once fetching, i.e. really assigned
+                unknown.append(key)
+        if unknown:
+            starts.update(self._ask_committed(unknown, watermarks))
+        return starts
+
+    def _ask_committed(
+        self, partitions: list[Partition], watermarks: dict[Partition, tuple[int, int]]
+    ) -> dict[Partition, int]:
+        try:
+            found = self._consumer.committed(
+                [TopicPartition(t, p) for t, p in partitions], timeout=self._timeout_s
+            )
+        except KafkaException as exc:
+            log.warning("committed offsets of the live partitions unreadable: %s", exc)
+            return {}  # unknown this time; asked again on the next batch
+        for tp in found:
+            key = (tp.topic, tp.partition)
+            # Nothing committed: auto.offset.reset=earliest starts at the log start.
+            self._committed[key] = tp.offset if tp.offset >= 0 else max(watermarks[key][0], 0)
+        return {key: self._committed[key] for key in partitions if key in self._committed}
+
+
 # About how long a live record spends between validate's output and persist's commit (two
 # transactional hops, measured 70-100 ms at 1,000 req/s): its share of the downstream backlog.
 _LIVE_TRIP_S = 0.1
 
 
 class PriorityGate:
-    """Pauses ``bulk_topics`` partitions while ``live_topics`` partitions lag, or while the
-    downstream backlog (when ``downstream`` is given) is at ``max_downstream`` or more."""
+    """Decides which ``bulk_topics`` partitions to pause: all of them while the
+    ``live_topics`` partitions lag, or while the downstream backlog is at the limit.
+
+    A pure decision (no Kafka client, no clock): the runner hands it the assignment, the
+    live lag (:class:`LiveLagReader`), the latest downstream :class:`Reading` (None: no
+    downstream rule, or no recent reading) and the time, and pauses what it answers. Its
+    state is the hysteresis, the live arrival rate, and ``admitted``: the bulk records let
+    in so far, which the reading thread samples (see :class:`DownstreamBacklog`).
+    """
 
     def __init__(
         self,
@@ -151,7 +267,6 @@ class PriorityGate:
         live_topics: Collection[str],
         bulk_topics: Collection[str],
         max_live_lag: int,
-        downstream: DownstreamBacklog | None = None,
         max_downstream: int = 0,
         max_downstream_idle: int = 0,
         live_idle_s: float = 5.0,
@@ -160,7 +275,6 @@ class PriorityGate:
         self._live = set(live_topics)
         self._bulk = set(bulk_topics)
         self._max_lag = max_live_lag
-        self._downstream = downstream
         self._max_downstream = max_downstream
         self._max_downstream_idle = max(max_downstream_idle, max_downstream)
         self._live_idle_s = live_idle_s
@@ -172,66 +286,67 @@ class PriorityGate:
         self._rate_mark: tuple[float, int] | None = None  # (when, live end offsets then)
         self.live_rate = 0.0  # live records/s arriving, over the last second or so
         self.admitted = 0  # bulk records consumed so far (read by the backlog thread)
-        self.bulk_paused = False
 
-    def start(self) -> None:
-        if self._downstream is not None:
-            self._downstream.start(lambda: self.admitted)
+    def live_partitions(self, assigned: Iterable[Partition]) -> set[Partition]:
+        return {tp for tp in assigned if tp[0] in self._live}
 
-    def close(self) -> None:
-        if self._downstream is not None:
-            self._downstream.close()
+    def bulk_partitions(self, assigned: Iterable[Partition]) -> set[Partition]:
+        return {tp for tp in assigned if tp[0] in self._bulk}
 
-    def update(
-        self,
-        consumer: Consumer,
-        assigned: Collection[tuple[str, int]],
-        consumed: Iterable[str] = (),
-    ) -> None:
-        """Count the bulk records in ``consumed`` (the topic of each record of the batch
-        just consumed), then pause or resume the bulk partitions."""
+    def admit(self, consumed: Iterable[str]) -> None:
+        """Count the bulk records among ``consumed`` (the topic of each record consumed)."""
         self.admitted += sum(1 for topic in consumed if topic in self._bulk)
-        bulk = [TopicPartition(t, p) for t, p in assigned if t in self._bulk]
+
+    def decide(
+        self,
+        *,
+        assigned: Collection[Partition],
+        live: LiveLag,
+        reading: Reading | None,
+        now: float,
+    ) -> set[Partition]:
+        """The bulk partitions of ``assigned`` to hold paused now (empty: let them flow)."""
+        bulk = self.bulk_partitions(assigned)
         if not bulk:
-            return
-        live = [TopicPartition(t, p) for t, p in assigned if t in self._live]
-        lag, end = self.live_lag(consumer, live)  # lag None: not known yet
-        now = time.monotonic()
-        if self._live_end is not None and end != self._live_end:
+            return set()
+        if self._live_end is not None and live.end != self._live_end:
             self._live_seen_at = now  # live requests arrived since the last look
-        self._live_end = end
-        self._measure_live_rate(now, end)
+        self._live_end = live.end
+        self._measure_live_rate(now, live.end)
+        self._update_live_rule(live.lag)
+        in_flight = self.in_flight(reading, now)
+        self._update_downstream_rule(in_flight, now)
+        if self._live_blocked or self._downstream_blocked:
+            return bulk
+        return set()
+
+    def _update_live_rule(self, lag: int | None) -> None:
         if lag is None or lag > self._max_lag:
             # Unknown (a live partition not fetched yet, e.g. just after start or a
             # rebalance) counts as a backlog: otherwise backfill fetched first goes first.
+            if not self._live_blocked:
+                log.debug("live lag %s: backfill paused", lag)
             self._live_blocked = True
-        elif lag <= self._max_lag // 2:
+        elif lag <= self._max_lag // 2 and self._live_blocked:
+            log.debug("live lag %d: live rule lets backfill in", lag)
             self._live_blocked = False
-        in_flight = self.in_flight()
+
+    def _update_downstream_rule(self, in_flight: int | None, now: float) -> None:
         # Live traffic seen lately: keep the downstream queue short, so a live request
         # waits behind little backfill. None for a while: let the backfill run (fast), but
         # not so far ahead that the next live request waits long behind it.
-        live_active = now - self._live_seen_at < self._live_idle_s
-        if live_active:
+        if now - self._live_seen_at < self._live_idle_s:
             # Live requests are part of the downstream backlog too: their own share (rate x
             # about one downstream trip) is added, so the limit is what backfill may add.
             limit = self._max_downstream + int(self.live_rate * _LIVE_TRIP_S)
         else:
             limit = self._max_downstream_idle
         if in_flight is not None and in_flight >= limit:
+            if not self._downstream_blocked:
+                log.debug("downstream %d: backfill paused", in_flight)
             self._downstream_blocked = True
         elif in_flight is None or in_flight < limit // 2:
             self._downstream_blocked = False
-        if self._live_blocked or self._downstream_blocked:
-            consumer.pause(bulk)  # idempotent; also covers partitions assigned since
-            if not self.bulk_paused:
-                why = f"live lag {lag}" if self._live_blocked else f"downstream {in_flight}"
-                log.debug("%s: backfill paused", why)
-            self.bulk_paused = True
-        elif self.bulk_paused:
-            consumer.resume(bulk)
-            self.bulk_paused = False
-            log.debug("live lag %d, downstream %s: backfill resumed", lag, in_flight)
 
     def _measure_live_rate(self, now: float, end: int) -> None:
         if self._rate_mark is None or end < self._rate_mark[1]:  # first look, or reassigned
@@ -242,37 +357,10 @@ class PriorityGate:
             self.live_rate = (end - then) / (now - since)
             self._rate_mark = (now, end)
 
-    def in_flight(self) -> int | None:
-        """Records waiting downstream now, counting those let in since the last reading
-        started; None when there is no recent reading (or no downstream rule)."""
-        if self._downstream is None:
-            return None
-        reading = self._downstream.latest
-        if reading is None or time.monotonic() - reading.taken_at > self._stale_after_s:
+    def in_flight(self, reading: Reading | None, now: float) -> int | None:
+        """Records waiting downstream at ``now``, counting those let in since ``reading``
+        started; None without a reading or when it is older than ``stale_after_s`` (the
+        broker unreachable, say: better than blocking the backfill forever)."""
+        if reading is None or now - reading.taken_at > self._stale_after_s:
             return None
         return reading.backlog + (self.admitted - reading.admitted_before)
-
-    def reassert(self, consumer: Consumer, assigned: Collection[tuple[str, int]]) -> None:
-        """Re-apply the pause after something resumed every partition (a retry)."""
-        bulk = [TopicPartition(t, p) for t, p in assigned if t in self._bulk]
-        if self.bulk_paused and bulk:
-            consumer.pause(bulk)
-
-    @staticmethod
-    def live_lag(consumer: Consumer, live: list[TopicPartition]) -> tuple[int | None, int]:
-        """(records not consumed yet, sum of end offsets) of the ``live`` partitions, from the
-        watermarks cached by the last fetches; the lag is None while any of them has not
-        been fetched yet."""
-        lag: int | None = 0
-        end = 0
-        for tp in consumer.position(live) if live else []:
-            low, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
-                lag = None  # not fetched yet: its backlog is unknown
-                continue
-            # Nothing consumed from it yet (fresh group): its whole content is backlog.
-            start = tp.offset if tp.offset >= 0 else max(low, 0)
-            if lag is not None:
-                lag += max(0, high - start)
-            end += high
-        return lag, end

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from schemas import Headers
-
-HeaderList = list[tuple[str, str | bytes | None]]
+from schemas.headers import HeaderList as HeaderList
+from schemas.traceparent import child_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +38,28 @@ class Output:
     headers: HeaderList
 
 
+# What a record adds to its size on the wire besides key, value and headers, rounded up: the
+# record's own fields (librdkafka's RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD, 36 bytes) and the
+# batch header around it (61 bytes). Plus, per header, its two length varints (10 bytes).
+RECORD_OVERHEAD_BYTES = 128
+HEADER_OVERHEAD_BYTES = 10
+
+
+def wire_size(output: Output) -> int:
+    """A conservative estimate of ``output``'s size as the producer counts it against
+    ``message.max.bytes`` (never less than what librdkafka computes)."""
+    size = RECORD_OVERHEAD_BYTES + len(output.key or b"") + len(output.value)
+    for name, value in output.headers:
+        size += HEADER_OVERHEAD_BYTES + len(name.encode()) + _header_len(value)
+    return size
+
+
+def _header_len(value: str | bytes | None) -> int:
+    if value is None:
+        return 0
+    return len(value.encode()) if isinstance(value, str) else len(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """A consumed record that goes to the DLQ, untouched, with why."""
@@ -68,25 +89,16 @@ class BatchOutcome:
         self.rejected.extend(other.rejected)
 
 
-def new_traceparent() -> bytes:
-    """A fresh W3C traceparent (version 00, random trace and span ids, sampled)."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01".encode()
-
-
-def child_traceparent(parent: bytes | None) -> bytes:
-    """Same trace as ``parent``, new span id; a fresh trace when ``parent`` is malformed."""
-    if parent is not None:
-        parts = parent.split(b"-")
-        if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
-            return b"-".join((parts[0], parts[1], os.urandom(8).hex().encode(), parts[3]))
-    return new_traceparent()
-
-
 def output_headers(source: Record | None, schema: str) -> HeaderList:
-    """Headers for an output derived from ``source``: content-type, schema, traceparent."""
+    """Headers for an output derived from ``source``: content-type, schema, traceparent, and
+    the source's tenant (so persist stores the result under the tenant ingest set)."""
     parent = source.header(Headers.TRACEPARENT) if source is not None else None
-    return [
+    headers: HeaderList = [
         (Headers.CONTENT_TYPE, Headers.MSGPACK),
         (Headers.SCHEMA, schema.encode()),
         (Headers.TRACEPARENT, child_traceparent(parent)),
     ]
+    tenant = source.header(Headers.TENANT) if source is not None else None
+    if tenant is not None:
+        headers.append((Headers.TENANT, tenant))
+    return headers

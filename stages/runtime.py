@@ -17,14 +17,28 @@ The runtime then replays the batch one record at a time, so the record that rais
 dead-lettered (reason ``stage_error``) and every other record still flows. A
 :class:`DlqBudget` stops the stage when too many records fail that way.
 
+No record stops a stage: a Kafka message that cannot even be read as a :class:`Record`
+(e.g. a header name that is not UTF-8) is dead-lettered as ``malformed``; an output larger
+than the producer's maximum is not produced: its record is dead-lettered as ``too_large``
+(and a dead letter that is itself too large is truncated, see :func:`stages.dlq.dlq_output`).
+
 Guarantee
 ---------
 A :class:`~stages.committers.Committer` publishes outputs and commits offsets:
 at-least-once (produce, wait for acks, commit) or exactly-once (Kafka transactions).
 Rebalance callbacks only run inside ``consume``, and the batch in hand is always published
 before the next ``consume``; on revoke the committer commits what is pending, on lost it
-aborts it. Shutdown (``stop`` set, e.g. by SIGTERM) finishes the batch in hand, commits and
-closes the consumer, which leaves the group at once.
+aborts it. Whenever what was published since the last commit is discarded
+(:class:`TransactionAborted`, lost partitions), the runner rewinds every assigned partition
+to its committed offset before it consumes on. Shutdown (``stop`` set, e.g. by SIGTERM)
+finishes the batch in hand, commits and closes the consumer, which leaves the group at once.
+
+Pauses
+------
+Partitions are paused for two reasons: the back-off after a transient failure
+(``backoff``, every assigned partition) and the live-first rule (``priority``, the backfill
+partitions; see :mod:`stages.priority`). :class:`Pauses` keeps who holds what: a partition
+is resumed only when no reason holds it any more.
 """
 
 from __future__ import annotations
@@ -32,8 +46,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Literal, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -45,16 +60,26 @@ from confluent_kafka import (
 
 from stages.committers import Committer
 from stages.dlq import DlqBudget, dlq_output
-from stages.errors import DeliveryFailed, SinkUnavailable, TransactionAborted
-from stages.metrics import NullMetrics, StageMetrics
-from stages.priority import PriorityGate
-from stages.records import BatchOutcome, Record, Rejection
+from stages.errors import (
+    DeliveryFailed,
+    OutputTooLarge,
+    SinkUnavailable,
+    TransactionAborted,
+)
+from stages.metrics import AssignmentGauges, NullMetrics, StageMetrics
+from stages.priority import LiveLagReader, PriorityGate, Reading
+from stages.records import BatchOutcome, Output, Record, Rejection, wire_size
 
 log = logging.getLogger(__name__)
 
 # How long one loop waits for a first record when there is none: it bounds how late the
 # loop notices a stop request, a due commit or the end of a back-off.
 _IDLE_WAIT_S = 0.1
+# Below this, a size limit learned from the producer means a misconfiguration, not a record.
+_MIN_RECORD_BYTES = 1024
+
+Partition = tuple[str, int]
+PauseReason = Literal["backoff", "priority"]
 
 
 class Stage(Protocol):
@@ -69,6 +94,8 @@ class Stage(Protocol):
 
 
 def to_record(message: Message) -> Record:
+    """The :class:`Record` of a consumed message. Raises for messages that cannot be read:
+    confluent-kafka decodes header names as UTF-8 and raises when one is not."""
     raw = message.headers() or []
     pairs = list(raw.items()) if isinstance(raw, dict) else raw
     return Record(
@@ -88,18 +115,39 @@ def _header_bytes(value: str | bytes | None) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def next_offsets(batch: Sequence[Record]) -> list[TopicPartition]:
+def read_messages(messages: Iterable[Message]) -> tuple[list[Record], list[Rejection]]:
+    """Records of ``messages``, and a ``malformed`` rejection (without the unreadable
+    headers) for each message that :func:`to_record` cannot read."""
+    records: list[Record] = []
+    unreadable: list[Rejection] = []
+    for message in messages:
+        try:
+            records.append(to_record(message))
+        except Exception as exc:
+            bare = Record(
+                topic=message.topic() or "",
+                partition=message.partition() or 0,
+                offset=message.offset() or 0,
+                key=message.key(),
+                value=message.value() or b"",
+            )
+            detail = f"unreadable Kafka record (headers dropped): {type(exc).__name__}: {exc}"
+            unreadable.append(Rejection(bare, "malformed", detail))
+    return records, unreadable
+
+
+def next_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
     """Per partition, the offset after the last record of ``batch`` (what to commit)."""
-    last: dict[tuple[str, int], int] = {}
+    last: dict[Partition, int] = {}
     for record in batch:
         key = (record.topic, record.partition)
         last[key] = max(last.get(key, -1), record.offset)
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
-def first_offsets(batch: Sequence[Record]) -> list[TopicPartition]:
+def first_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
     """Per partition, the offset of the first record of ``batch`` (where to rewind)."""
-    first: dict[tuple[str, int], int] = {}
+    first: dict[Partition, int] = {}
     for record in batch:
         key = (record.topic, record.partition)
         first[key] = min(first.get(key, record.offset), record.offset)
@@ -117,14 +165,37 @@ def process_isolating(stage: Stage, batch: Sequence[Record]) -> BatchOutcome:
         log.exception("%s: batch of %d raised; isolating records", stage.name, len(batch))
     outcome = BatchOutcome.empty()
     for record in batch:
-        try:
-            outcome.extend(stage.process([record]))
-        except SinkUnavailable:
-            raise
-        except Exception as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            outcome.rejected.append(Rejection(record, "stage_error", detail))
+        outcome.extend(_process_one(stage, record))
     return outcome
+
+
+def _process_one(stage: Stage, record: Record) -> BatchOutcome:
+    try:
+        return stage.process([record])
+    except SinkUnavailable:
+        raise
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        return BatchOutcome(outputs=[], rejected=[Rejection(record, "stage_error", detail)])
+
+
+def process_within_limit(stage: Stage, batch: Sequence[Record], max_bytes: int) -> BatchOutcome:
+    """:func:`process_isolating`, then: if an output would exceed ``max_bytes``, replay the
+    batch one record at a time (outputs do not say which record they came from) and
+    dead-letter as ``too_large`` each record with an output over the limit."""
+    outcome = process_isolating(stage, batch)
+    if all(wire_size(o) <= max_bytes for o in outcome.outputs):
+        return outcome
+    log.warning("%s: an output exceeds %d bytes; isolating records", stage.name, max_bytes)
+    fitted = BatchOutcome.empty()
+    for record in batch:
+        alone = _process_one(stage, record)
+        sizes = [wire_size(o) for o in alone.outputs]
+        if sizes and max(sizes) > max_bytes:
+            detail = f"output of {max(sizes)} bytes exceeds the limit of {max_bytes} bytes"
+            alone = BatchOutcome(outputs=[], rejected=[Rejection(record, "too_large", detail)])
+        fitted.extend(alone)
+    return fitted
 
 
 class Backoff:
@@ -143,8 +214,54 @@ class Backoff:
         self.current_s = 0.0
 
 
+class Pauses:
+    """Who holds which partition paused. A partition is paused while any reason holds it
+    and resumed when the last one lets go, so no component resumes another's pause."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        self._held: dict[PauseReason, set[Partition]] = {}
+
+    def hold(self, reason: PauseReason, partitions: Iterable[Partition]) -> None:
+        """``reason`` now holds exactly ``partitions`` (and lets go of any others)."""
+        before = self.paused()
+        self._held[reason] = set(partitions)
+        after = self.paused()
+        if after - before:
+            self._consumer.pause(_topic_partitions(after - before))
+        if before - after:
+            self._consumer.resume(_topic_partitions(before - after))
+
+    def release(self, reason: PauseReason) -> None:
+        self.hold(reason, ())
+
+    def held_by(self, reason: PauseReason) -> set[Partition]:
+        return set(self._held.get(reason, ()))
+
+    def paused(self) -> set[Partition]:
+        return set().union(*self._held.values())
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        """No longer assigned: librdkafka forgets their pause too (a partition assigned
+        again starts fetching), so no reason holds them any more."""
+        gone = set(partitions)
+        for held in self._held.values():
+            held -= gone
+
+
+def _topic_partitions(partitions: Iterable[Partition]) -> list[TopicPartition]:
+    return [TopicPartition(t, p) for t, p in sorted(partitions)]
+
+
 class StageRunner:
-    """Runs one stage as one consumer-group member. See the module docstring."""
+    """Runs one stage as one consumer-group member. See the module docstring.
+
+    ``priority`` (validate only) decides which backfill partitions wait; ``downstream``
+    gives it the latest downstream reading. ``running`` is entered for as long as
+    :meth:`run` runs: whoever builds the runner starts and stops there what the runner
+    needs alongside it (the downstream reading thread). ``max_record_bytes`` is the
+    producer's maximum record size; ``clock`` is monotonic seconds.
+    """
 
     def __init__(
         self,
@@ -156,10 +273,14 @@ class StageRunner:
         dlq_topic: str,
         batch_size: int,
         batch_timeout_s: float,
+        max_record_bytes: int = 1_000_000,
         dlq_budget: DlqBudget | None = None,
         metrics: StageMetrics | None = None,
         backoff: Backoff | None = None,
         priority: PriorityGate | None = None,
+        downstream: Callable[[], Reading | None] = lambda: None,
+        running: AbstractContextManager[object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -168,13 +289,24 @@ class StageRunner:
         self._dlq_topic = dlq_topic
         self._batch_size = batch_size
         self._batch_timeout_s = batch_timeout_s
+        self._max_bytes = max_record_bytes
         self._budget = dlq_budget
         self._metrics: StageMetrics = metrics or NullMetrics()
         self._backoff = backoff or Backoff()
         self._priority = priority
-        self._paused_until: float | None = None
-        self._rewind_needed = False
-        self.assigned: set[tuple[str, int]] = set()
+        self._downstream = downstream
+        self._running = running or nullcontext()
+        self._clock = clock
+        self._pauses = Pauses(consumer)
+        self._live_lag = LiveLagReader(consumer)
+        self._gauges = AssignmentGauges(consumer, self._metrics)
+        self._retry_at: float | None = None
+        self._rewind_due = False
+        self.assigned: set[Partition] = set()
+
+    @property
+    def pauses(self) -> Pauses:
+        return self._pauses
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then finish the batch in hand, commit and close."""
@@ -185,57 +317,57 @@ class StageRunner:
             on_lost=self._on_lost,
         )
         log.info("%s: consuming %s", self._stage.name, ", ".join(self._input_topics))
-        if self._priority is not None:
-            self._priority.start()
         try:
-            while not stop.is_set():
-                self.run_once()
+            with self._running:
+                while not stop.is_set():
+                    self.run_once()
         finally:
-            if self._priority is not None:
-                self._priority.close()
             self._committer.close()
             self._consumer.close()
             log.info("%s: closed", self._stage.name)
 
     def run_once(self) -> int:
         """Consume, process and publish one batch; returns the number of records consumed."""
-        self._maybe_resume()
-        messages = self._consume()
-        if self._rewind_needed:  # a rebalance callback aborted: replay from committed offsets
+        self._resume_if_due()
+        messages = [m for m in self._consume() if self._usable(m)]
+        if self._rewind_due:  # discarded since the last commit: replay from committed offsets
             self._rewind_to_committed()
             return 0
-        batch = [to_record(m) for m in messages if self._usable(m)]
-        if self._priority is not None and self._paused_until is None:
-            self._priority.update(self._consumer, self.assigned, (r.topic for r in batch))
-        if not batch:
+        records, unreadable = read_messages(messages)
+        self._apply_priority(records)
+        self._gauges.sample(self.assigned, paused=len(self._pauses.paused()))
+        if not messages:
             self._commit_if_due()
             return 0
-        started = time.monotonic()
+        started = self._clock()
         try:
-            self._handle(batch)
+            with self._rewind_on_abort():
+                self._handle(records, unreadable)
         except (SinkUnavailable, DeliveryFailed) as exc:
-            self._retry_later(batch, exc)
-        except TransactionAborted as exc:
-            log.warning("%s: transaction aborted (%s); rewinding", self._stage.name, exc)
-            self._metrics.retry()
-            self._rewind_to_committed()
+            self._retry_later([*records, *(r.record for r in unreadable)], exc)
         else:
-            self._backoff.reset()
-            self._metrics.batch(size=len(batch), seconds=time.monotonic() - started)
-        return len(batch)
+            if not self._rewind_due:
+                self._backoff.reset()
+                self._metrics.batch(size=len(messages), seconds=self._clock() - started)
+        return len(messages)
 
-    def _handle(self, batch: list[Record]) -> None:
-        outcome = process_isolating(self._stage, batch)
+    def _handle(self, records: list[Record], unreadable: list[Rejection]) -> None:
+        outcome = BatchOutcome(outputs=[], rejected=list(unreadable))
+        if records:
+            outcome.extend(process_within_limit(self._stage, records, self._max_bytes))
         if self._budget is not None:
-            self._budget.observe(len(batch), outcome.rejected)
-        dead = [
-            dlq_output(r, stage=self._stage.name, dlq_topic=self._dlq_topic)
-            for r in outcome.rejected
-        ]
-        self._committer.publish(outcome.outputs + dead, next_offsets(batch))
+            self._budget.observe(len(records) + len(unreadable), outcome.rejected)
+        dead = [self._dead_letter(r) for r in outcome.rejected]
+        offsets = next_offsets([*records, *(r.record for r in unreadable)])
+        self._committer.publish(outcome.outputs + dead, offsets)
         self._metrics.records_out(len(outcome.outputs))
         for rejection in outcome.rejected:
             self._metrics.dead_lettered(rejection.reason)
+
+    def _dead_letter(self, rejection: Rejection) -> Output:
+        return dlq_output(
+            rejection, stage=self._stage.name, dlq_topic=self._dlq_topic, max_bytes=self._max_bytes
+        )
 
     def _consume(self) -> list[Message]:
         """Wait for the first record (no longer than until a commit is due), then take what
@@ -259,12 +391,56 @@ class StageRunner:
         due = self._committer.commit_due_in()
         return _IDLE_WAIT_S if due is None else min(_IDLE_WAIT_S, due)
 
+    def _apply_priority(self, batch: Sequence[Record]) -> None:
+        """Hold paused the backfill partitions that the live-first gate says must wait."""
+        gate = self._priority
+        if gate is None:
+            return
+        gate.admit(r.topic for r in batch)
+        if not gate.bulk_partitions(self.assigned):
+            self._pauses.release("priority")
+            return
+        live = self._live_lag.read(gate.live_partitions(self.assigned))
+        wait = gate.decide(
+            assigned=self.assigned, live=live, reading=self._downstream(), now=self._clock()
+        )
+        self._pauses.hold("priority", wait)
+
     def _commit_if_due(self) -> None:
         if self._committer.commit_due_in() == 0.0:
-            try:
-                self._committer.commit()
-            except TransactionAborted:
-                self._rewind_to_committed()
+            self._commit_or_rewind()
+
+    def _commit_or_rewind(self) -> None:
+        """Commit what is pending; if that aborts, rewind before consuming on."""
+        with self._rewind_on_abort():
+            self._committer.commit()
+
+    @contextmanager
+    def _rewind_on_abort(self) -> Iterator[None]:
+        """The one place a discarded transaction is handled: every partition rewinds to its
+        committed offset before the next batch is processed (see :meth:`run_once`)."""
+        try:
+            yield
+        except TransactionAborted as exc:
+            if isinstance(exc, OutputTooLarge):
+                self._lower_size_limit(exc.size)
+            self._rewind_later(f"transaction aborted ({exc})")
+
+    def _rewind_later(self, why: str) -> None:
+        log.warning("%s: %s; rewinding to the committed offsets", self._stage.name, why)
+        self._metrics.retry()
+        self._rewind_due = True
+
+    def _lower_size_limit(self, refused_size: int) -> None:
+        """The producer refused an output our estimate let through: stay under it from now
+        on, so that the replayed record is dead-lettered (``too_large``) instead."""
+        self._max_bytes = min(self._max_bytes, refused_size - 1)
+        if self._max_bytes < _MIN_RECORD_BYTES:
+            raise RuntimeError(
+                f"{self._stage.name}: the producer refuses records of {refused_size} bytes; "
+                "check message.max.bytes and queue.buffering.max.kbytes"
+            )
+        log.warning("%s: record size limit lowered to %d bytes", self._stage.name, self._max_bytes)
 
     def _retry_later(self, batch: Sequence[Record], exc: Exception) -> None:
         """Pause every assigned partition, rewind to the batch's start, resume after a
@@ -272,27 +448,22 @@ class StageRunner:
         self._metrics.retry()
         at_least = exc.retry_after_s if isinstance(exc, SinkUnavailable) else 0.0
         delay = self._backoff.next(at_least)
+        self._metrics.backoff(delay)
         log.warning("%s: %s; pausing, retrying the batch in %.1fs", self._stage.name, exc, delay)
-        try:
-            self._committer.commit()  # earlier batches in an open transaction are good
-        except TransactionAborted:
-            self._rewind_needed = True
-        assigned = self._assigned_partitions()
-        self._consumer.pause(assigned)
+        self._commit_or_rewind()  # earlier batches in an open transaction are good
+        self._pauses.hold("backoff", self.assigned)
         self._seek([tp for tp in first_offsets(batch) if (tp.topic, tp.partition) in self.assigned])
-        self._paused_until = time.monotonic() + delay
+        self._retry_at = self._clock() + delay
 
-    def _maybe_resume(self) -> None:
-        if self._paused_until is not None and time.monotonic() >= self._paused_until:
-            self._consumer.resume(self._assigned_partitions())
-            self._paused_until = None
-            if self._priority is not None:
-                self._priority.reassert(self._consumer, self.assigned)
+    def _resume_if_due(self) -> None:
+        if self._retry_at is not None and self._clock() >= self._retry_at:
+            self._pauses.release("backoff")
+            self._retry_at = None
 
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition back to its committed offset."""
-        self._rewind_needed = False
-        assigned = self._assigned_partitions()
+        self._rewind_due = False
+        assigned = _topic_partitions(self.assigned)
         if not assigned:
             return
         committed = self._consumer.committed(assigned, timeout=30)
@@ -309,9 +480,6 @@ class StageRunner:
                 # Not yet fetching (just assigned): its position is the committed offset anyway.
                 log.debug("seek %s[%d] failed: %s", tp.topic, tp.partition, exc)
 
-    def _assigned_partitions(self) -> list[TopicPartition]:
-        return [TopicPartition(t, p) for t, p in sorted(self.assigned)]
-
     def _usable(self, message: Message) -> bool:
         err = message.error()
         if err is None:
@@ -322,24 +490,31 @@ class StageRunner:
         return False
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        self.assigned.update(_keys(partitions))
         log.info("%s: assigned %s", self._stage.name, _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is pending while we still own the partitions."""
-        try:
-            self._committer.commit()
-        except TransactionAborted:
-            self._rewind_needed = True
-        self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
+        self._commit_or_rewind()
+        self._unassign(partitions)
         log.info("%s: revoked %s", self._stage.name, _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Another member owns these now: discard what we did not commit."""
         self._committer.abort()
-        self._rewind_needed = True
-        self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
+        self._rewind_later("partitions lost")
+        self._unassign(partitions)
         log.warning("%s: lost %s", self._stage.name, _fmt(partitions))
+
+    def _unassign(self, partitions: Collection[TopicPartition]) -> None:
+        gone = _keys(partitions)
+        self.assigned.difference_update(gone)
+        self._pauses.forget(gone)
+        self._live_lag.forget(gone)
+
+
+def _keys(partitions: Iterable[TopicPartition]) -> set[Partition]:
+    return {(tp.topic, tp.partition) for tp in partitions}
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the local stack (Kafka, Redis, topics, stages)")
     up.add_argument("--workers", type=int, default=1, help="members per stage (default 1)")
     up.add_argument("--wait", action="store_true", help="wait until every stage has joined")
+    up.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start a local Prometheus (installed from Debian's package when missing) "
+        "scraping every worker, with the alert rules of ops/prometheus/",
+    )
+    up.add_argument(
+        "--prometheus-port", type=int, default=9190, help="with --monitoring (default 9190)"
+    )
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="what is running")
 
@@ -32,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage as N consumer-group members")
     stage.add_argument("name", choices=STAGE_NAMES)
     stage.add_argument("--workers", type=int, default=1, help="member processes (default 1)")
+    stage.add_argument(
+        "--supervise",
+        action="store_true",
+        help="with --workers 1: run the worker as a child that is restarted when it exits "
+        "(always so with more workers)",
+    )
+    # Set by the supervisor on the worker processes it starts (streaminfer/workers.py).
+    stage.add_argument("--slot", type=int, default=None, help=argparse.SUPPRESS)
+    stage.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     demo = sub.add_parser("demo", help="run the digits demo end to end and print a summary")
     demo.add_argument("--repeat", type=int, default=20, help="times to send the held-out set")
@@ -52,24 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub.add_parser("list", help="models, versions and input signatures")
     _add_client_parsers(sub)
     add_backfill_parsers(sub)  # backfill, replay, export (backfill/cli.py)
-    _add_bench_parser(sub)
+    # Every argument after `bench` goes to `python -m bench` unparsed (main, _cmd_bench).
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="end-to-end benchmark: runs `python -m bench ARGS` in a source checkout",
+    )
     return parser
-
-
-def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``bench``: options and handler live in bench/e2e.py (repository tooling, not packaged)."""
-    _bench_on_path()
-    from bench.options import add_parser
-
-    add_parser(sub)
-
-
-def _bench_on_path() -> None:
-    """``bench/`` is not an installed package: import it from the repository checkout."""
-    from streaminfer.settings import REPO_ROOT
-
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
 
 
 def _add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,7 +96,12 @@ def _add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _cmd_bench(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = Settings()
     handler = _HANDLERS[args.command]
@@ -98,7 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from streaminfer import stack
 
-    stack.up(settings, workers=args.workers)
+    stack.up(
+        settings,
+        workers=args.workers,
+        monitoring=args.monitoring,
+        prometheus_port=args.prometheus_port,
+    )
     if args.wait:
         stack.wait_for_stages(settings)
         print("every stage joined its group")
@@ -129,12 +147,14 @@ def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(settings: Settings, args: argparse.Namespace) -> int:
-    from streaminfer.workers import run_stage
+    from streaminfer.workers import run_stage, run_supervised_worker
 
+    if args.slot is not None:
+        return run_supervised_worker(settings, args.name, args.slot, args.supervisor_pid)
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return 2
-    return run_stage(settings, args.name, args.workers)
+    return run_stage(settings, args.name, args.workers, supervise=args.supervise)
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -166,11 +186,11 @@ def _cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(settings: Settings, _args: argparse.Namespace) -> int:
-    from streaminfer.wiring import model_registry
+    from streaminfer.wiring import model_catalog
 
-    registry = model_registry(settings)
-    for name in registry.names():
-        spec = registry.spec(name)
+    catalog = model_catalog(settings)
+    for name in catalog.names():
+        spec = catalog.spec(name)
         inputs = ", ".join(f"{i.name}: {i.dtype}{list(i.shape)}" for i in spec.inputs)
         versions = ", ".join(sorted(spec.versions))
         print(f"{name}  versions [{versions}] default {spec.default_version}  inputs {inputs}")
@@ -195,28 +215,42 @@ def _cmd_results(settings: Settings, args: argparse.Namespace) -> int:
     return print_results(settings, follow=args.follow, from_beginning=args.from_beginning)
 
 
-def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from bench.e2e import run_cli
+def _cmd_bench(bench_args: Sequence[str]) -> int:
+    """``bench/`` is repository tooling, not part of the installed package: run it as its own
+    program from the checkout this package is installed from (editable install), never import
+    it, so the product (and its Docker image) works without it."""
+    from streaminfer.settings import REPO_ROOT
 
-    return run_cli(settings, args)
+    if not (REPO_ROOT / "bench" / "__main__.py").is_file():
+        print(
+            "streaminfer bench: the benchmarks live in bench/ of a source checkout and are not "
+            "installed with the package; run `python -m bench --help` from the repository root",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, "-m", "bench", *bench_args]
+    return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
 
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from backfill.cli import run_backfill
+    from streaminfer.contexts import backfill_context
 
-    return run_backfill(settings, args)
+    return run_backfill(backfill_context(settings), args)
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from backfill.cli import run_replay
+    from streaminfer.contexts import backfill_context
 
-    return run_replay(settings, args)
+    return run_replay(backfill_context(settings), args)
 
 
 def _cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from backfill.cli import run_export
+    from streaminfer.contexts import backfill_context
 
-    return run_export(settings, args)
+    return run_export(backfill_context(settings), args)
 
 
 _HANDLERS = {
@@ -232,7 +266,6 @@ _HANDLERS = {
     "ingest": _cmd_ingest,
     "produce": _cmd_produce,
     "results": _cmd_results,
-    "bench": _cmd_bench,
     "backfill": _cmd_backfill,
     "replay": _cmd_replay,
     "export": _cmd_export,

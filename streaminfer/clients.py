@@ -24,23 +24,25 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Message, TopicPartition
 
 from ingest.payloads import InvalidBody, RequestDecoder, parse
-from ingest.producer import RequestProducer
 from ingest.rendering import result_json
+from kafkaio.offsets import end_offsets, partitions
+from kafkaio.produce import RequestProducer
 from schemas import DecodeError
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
-from streaminfer.wiring import model_registry
+from streaminfer.wiring import model_catalog
 
 
 def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.server import serve
+    from streaminfer.ingest_app import FACTORY
+    from streaminfer.monitoring import share_ingest_metrics
 
-    return serve(
-        settings,
-        host=args.host or settings.ingest.host,
-        port=settings.ingest.port if args.port is None else args.port,
-        workers=args.workers or settings.ingest.workers,
-    )
+    port = settings.ingest.port if args.port is None else args.port
+    workers = args.workers or settings.ingest.workers
+    share_ingest_metrics(settings, port=port, workers=workers)
+    # The factory reads the same environment (and .env) as ``settings`` came from.
+    return serve(FACTORY, host=args.host or settings.ingest.host, port=port, workers=workers)
 
 
 class Progress:
@@ -85,8 +87,10 @@ def _lines(source: str) -> tuple[Iterable[str], int | None]:
 def produce_lines(settings: Settings, source: str, *, err: TextIO = sys.stderr) -> int:
     """``streaminfer produce``: JSON lines -> ``inference.requests``; the exit code."""
     lines, total = _lines(source)
-    registry = model_registry(settings) if settings.ingest.check_models else None
-    decoder = RequestDecoder(registry=registry, max_batch=1)
+    catalog = model_catalog(settings) if settings.ingest.check_models else None
+    decoder = RequestDecoder(
+        catalog=catalog, max_batch=1, message_max_bytes=settings.kafka.message_max_bytes
+    )
     sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)
     progress = Progress(err, total)
     sent = invalid = 0
@@ -129,13 +133,13 @@ def print_results(
     group = f"{settings.kafka.topic_prefix}streaminfer.results-cli.{uuid.uuid4().hex[:8]}"
     consumer = make_consumer(settings, group_id=group)
     try:
-        partitions = _partitions(consumer, topic)
-        if not partitions:
+        found = partitions(consumer, topic)
+        if not found:
             err.write(f"topic {topic} does not exist\n")
             return 1
         start = OFFSET_END if follow and not from_beginning else OFFSET_BEGINNING
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        messages = _follow(consumer) if follow else _until_end(consumer, topic, partitions)
+        consumer.assign([TopicPartition(topic, p, start) for p in found])
+        messages = _follow(consumer) if follow else _until_end(consumer, topic, found)
         for message in messages:
             _print_result(message, out, err)
     except KeyboardInterrupt:
@@ -145,27 +149,17 @@ def print_results(
     return 0
 
 
-def _partitions(consumer: Consumer, topic: str) -> list[int]:
-    found = consumer.list_topics(topic, timeout=10).topics.get(topic)
-    if found is None or found.error is not None:
-        return []
-    return sorted(found.partitions)
-
-
 def _follow(consumer: Consumer) -> Iterator[Message]:
     while True:
         yield from (m for m in consumer.consume(500, timeout=0.5) if m.error() is None)
 
 
-def _until_end(consumer: Consumer, topic: str, partitions: list[int]) -> Iterator[Message]:
+def _until_end(consumer: Consumer, topic: str, numbers: list[int]) -> Iterator[Message]:
     """Every record up to the partitions' ends as they were when this started."""
-    ends = {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-        for p in partitions
-    }
+    ends = end_offsets(consumer, topic)
 
     def at_end() -> bool:
-        positions = consumer.position([TopicPartition(topic, p) for p in partitions])
+        positions = consumer.position([TopicPartition(topic, p) for p in numbers])
         return all(tp.offset >= ends[tp.partition] for tp in positions if ends[tp.partition] > 0)
 
     while not at_end():

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
-from ingest.producer import RequestProducer
+from kafkaio.offsets import end_offsets
+from kafkaio.produce import RequestProducer
 from schemas import Codec, RequestV1, ResultV1, StoredV1, tensor_from_array
 from streaminfer import stack
 from streaminfer.kafka import make_consumer, make_producer
@@ -99,12 +100,8 @@ def _stored_notices_from_now(settings: Settings) -> Consumer:
     """A consumer of ``inference.stored`` positioned at its current end."""
     consumer = make_consumer(settings, group_id=f"streaminfer-demo-{uuid.uuid4().hex}")
     topic = settings.topics.stored
-    metadata = consumer.list_topics(topic, timeout=10)
-    partitions = []
-    for p in metadata.topics[topic].partitions:
-        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        partitions.append(TopicPartition(topic, p, high))
-    consumer.assign(partitions)
+    ends = end_offsets(consumer, topic)
+    consumer.assign([TopicPartition(topic, p, end) for p, end in ends.items()])
     return consumer
 
 
@@ -134,12 +131,13 @@ def _collect(consumer: Consumer, wanted: set[str], timeout_s: float) -> tuple[li
 def _score(settings: Settings, truth: dict[str, int]) -> tuple[int, int]:
     """(correct, stored) read back from Redis, the store users query."""
     store = result_store(settings)
+    tenant = settings.kafka.default_tenant  # the demo produces to Kafka, without a tenant
     codec = Codec(ResultV1)
     ids = list(truth)
     correct = stored = 0
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
-        for request_id, value in zip(chunk, store.get_many(chunk), strict=True):
+        for request_id, value in zip(chunk, store.get_many(tenant, chunk), strict=True):
             if value is None:
                 continue
             stored += 1

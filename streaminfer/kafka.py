@@ -8,6 +8,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from kafkaio.offsets import partitions
 from streaminfer.settings import Settings
 
 
@@ -97,8 +98,4 @@ def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[
 
 def partition_count(settings: Settings, topic: str) -> int:
     """Partitions of ``topic`` (0 when it does not exist)."""
-    metadata = make_admin(settings).list_topics(topic=topic, timeout=10)
-    found = metadata.topics.get(topic)
-    if found is None or found.error is not None:
-        return 0
-    return len(found.partitions)
+    return len(partitions(make_admin(settings), topic))

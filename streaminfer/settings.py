@@ -23,6 +23,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
+from schemas.keys import DEFAULT_TENANT, TENANT_NAME, is_tenant_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ".env"
@@ -78,7 +79,8 @@ class KafkaSettings(BaseSettings):
         default=1_000_000,
         ge=1000,
         description="largest record a producer sends (librdkafka message.max.bytes); a stage "
-        "dead-letters an output that would exceed it (too_large), ingest keeps a margin below it",
+        "dead-letters an output that would exceed it (too_large); ingest and backfill accept "
+        "requests up to this less an ~18 KB margin for what the stages add",
     )
     topic_prefix: str = Field(
         default="",
@@ -90,6 +92,12 @@ class KafkaSettings(BaseSettings):
         ge=1,
         validation_alias=_env("STREAMINFER_KAFKA_TOPIC_PARTITIONS", "STREAMINFER_TOPIC_PARTITIONS"),
         description="partitions of the topics `streaminfer topics create` makes",
+    )
+    default_tenant: str = Field(
+        default=DEFAULT_TENANT,
+        pattern=f"^{TENANT_NAME.pattern}$",
+        description="tenant of records without a streaminfer.tenant header (Kafka producers "
+        "that bypass HTTP, backfills: trusted) and of API keys given without a tenant",
     )
     topic_replication_factor: int = Field(
         default=1,
@@ -211,6 +219,34 @@ class StageSettings(BaseSettings):
         validation_alias=_env("STREAMINFER_STAGE_METRICS_PORT", "STREAMINFER_METRICS_PORT"),
         description="base port of /metrics per worker (worker slot N serves port + N)",
     )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the workers' /metrics listen on (0.0.0.0 in a container, so "
+        "the kubelet's probes and Prometheus reach it)",
+    )
+    static_membership: bool = Field(
+        default=True,
+        description="group.instance.id per worker slot: a restarted worker takes its "
+        "partitions back without a rebalance; a worker stopped for good keeps them unassigned "
+        "until session.timeout.ms (45 s by default)",
+    )
+    restart_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="`stage --workers N`: wait before restarting a worker that exited; "
+        "doubles on each quick exit",
+    )
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, description="...up to this long")
+    restart_reset_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="an exit sooner than this after the worker started is a quick exit",
+    )
+    crash_loop_limit: int = Field(
+        default=5,
+        ge=1,
+        description="this many quick exits in a row of one worker stop the stage (exit 1)",
+    )
 
 
 class PrioritySettings(BaseSettings):
@@ -282,8 +318,9 @@ class IngestSettings(BaseSettings):
     api_keys: SecretStr | None = Field(
         default=None,
         validation_alias=_env("STREAMINFER_INGEST_API_KEYS", "STREAMINFER_API_KEYS"),
-        description="comma-separated API keys; when set every route but /healthz and /readyz "
-        "needs one (X-API-Key or Authorization: Bearer)",
+        description="comma-separated `tenant=key` pairs (a bare `key` belongs to "
+        "kafka.default_tenant); when set every route but /healthz and /readyz needs a key "
+        "(X-API-Key or Authorization: Bearer) and sees only its tenant's results",
     )
     public_docs: bool = Field(
         default=False,
@@ -291,10 +328,21 @@ class IngestSettings(BaseSettings):
         description="serve /docs and /openapi.json without a key",
     )
 
-    def api_key_list(self) -> list[str]:
-        """The configured API keys (empty: authentication is off)."""
+    def api_key_tenants(self, default_tenant: str) -> dict[str, str]:
+        """Each configured API key and its tenant (empty: authentication is off).
+
+        An entry is ``tenant=key`` when the part before the first ``=`` is a tenant name and
+        the rest is a key not starting with ``=``; otherwise the whole entry is a bare key of
+        ``default_tenant`` (so base64 keys ending in ``=`` padding stay bare keys)."""
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
-        return [key.strip() for key in raw.split(",") if key.strip()]
+        tenants: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in raw.split(","))):
+            name, _, key = entry.partition("=")
+            if not (is_tenant_name(name) and key and not key.startswith("=")):
+                name, key = default_tenant, entry
+            if tenants.setdefault(key, name) != name:
+                raise ValueError("STREAMINFER_INGEST_API_KEYS gives one key to two tenants")
+        return tenants
 
 
 class BackfillSettings(BaseSettings):
@@ -309,6 +357,12 @@ class BackfillSettings(BaseSettings):
         default=1.0, gt=0, description="save a running backfill's checkpoint this often"
     )
     batch_rows: int = Field(default=4096, ge=1, description="rows per file read batch")
+    max_row_bytes: int = Field(
+        default=1 << 20,  # backfill.convert.MAX_CELL_BYTES (not imported: numpy, pyarrow)
+        ge=1024,
+        description="a CSV record, JSON line or Parquet value longer than this is a "
+        "too_large reject",
+    )
 
 
 class RedisSettings(BaseSettings):

@@ -21,12 +21,14 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 
+from streaminfer import monitoring as monitor
 from streaminfer.kafka import create_topics, make_admin
 from streaminfer.settings import REPO_ROOT, Settings
 from streaminfer.wiring import STAGE_NAMES, StageName, input_topics
 
 OPS = REPO_ROOT / "ops"
 INGEST = "ingest"  # the HTTP API process, managed like a stage (pid file and log in run_dir)
+PROMETHEUS = "prometheus"  # `up --monitoring` (streaminfer/monitoring.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +76,17 @@ def _ops_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = print) -> list[str]:
-    """Start whatever is not running; returns the names of what this call started."""
+def up(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    monitoring: bool = False,
+    prometheus_port: int = monitor.PROMETHEUS_PORT,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Start whatever is not running; returns the names of what this call started. With
+    ``monitoring``, every stage serves metrics on ports of its own, is listed as a scrape
+    target, and a local Prometheus scrapes them (streaminfer/monitoring.py)."""
     started: list[str] = []
     for service in SERVICES:
         if not service.managed(settings):
@@ -90,7 +101,7 @@ def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = pr
             echo(f"topic {topic}: created")
     for name in STAGE_NAMES:
         if _stage_pid(settings, name) is None:
-            _spawn_stage(settings, name, workers)
+            _spawn_stage(settings, name, workers, monitoring=monitoring)
             started.append(name)
             echo(f"stage {name}: started (log {_log_file(settings, name)})")
         else:
@@ -102,6 +113,10 @@ def up(settings: Settings, *, workers: int = 1, echo: Callable[[str], None] = pr
         echo(f"ingest: {url} (log {_log_file(settings, INGEST)})")
     else:
         echo("ingest: already running")
+    if monitoring:
+        monitor.announce_ingest(settings)
+        monitor.start(settings, port=prometheus_port, echo=echo)
+        started.append("prometheus")
     return started
 
 
@@ -111,14 +126,17 @@ def down(
     only: Iterable[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
-    """Stop the ingest API, the stages (drain first), then Redis and Kafka; ``only`` limits
-    what is stopped."""
-    wanted = set(only) if only is not None else {INGEST, *STAGE_NAMES, *(s.name for s in SERVICES)}
+    """Stop the ingest API, the stages (drain first), Prometheus, then Redis and Kafka;
+    ``only`` limits what is stopped."""
+    every = {INGEST, *STAGE_NAMES, PROMETHEUS, *(s.name for s in SERVICES)}
+    wanted = set(only) if only is not None else every
     if INGEST in wanted:
         _stop_stage(settings, INGEST, echo)
     for name in STAGE_NAMES:
         if name in wanted:
             _stop_stage(settings, name, echo)
+    if PROMETHEUS in wanted and monitor.local_prometheus(settings).stop():
+        echo("prometheus: stopped")
     for service in reversed(SERVICES):
         if service.name in wanted and service.managed(settings):
             service.stop(settings)
@@ -178,11 +196,19 @@ def _stage_pid(settings: Settings, name: str) -> int | None:
     return pid
 
 
-def _spawn_stage(settings: Settings, name: str, workers: int) -> None:
-    _spawn(settings, name, ["stage", name, "--workers", str(workers)])
+def _spawn_stage(settings: Settings, name: str, workers: int, *, monitoring: bool) -> None:
+    # --supervise: the stage's own supervisor restarts a worker that exits (crash, exit 75)
+    command = ["stage", name, "--workers", str(workers), "--supervise"]
+    if not monitoring:
+        _spawn(settings, name, command)
+        return
+    _spawn(settings, name, command, env=monitor.stage_env(settings, name))
+    monitor.announce_stage(settings, name, workers)
 
 
-def _spawn(settings: Settings, name: str, command: list[str]) -> None:
+def _spawn(
+    settings: Settings, name: str, command: list[str], env: dict[str, str] | None = None
+) -> None:
     """``streaminfer COMMAND...`` detached, with its pid file and log named ``name``."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     with _log_file(settings, name).open("ab") as log:
@@ -193,6 +219,7 @@ def _spawn(settings: Settings, name: str, command: list[str]) -> None:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the terminal that ran `up`
             cwd=REPO_ROOT,
+            env=env,
         )
     _pid_file(settings, name).write_text(f"{proc.pid}\n")
 
@@ -214,6 +241,7 @@ def _stop_stage(settings: Settings, name: str, echo: Callable[[str], None]) -> N
         os.killpg(pid, signal.SIGKILL)
         echo(f"stage {name}: did not drain in 30s, killed")
     _pid_file(settings, name).unlink(missing_ok=True)
+    monitor.withdraw(settings, name)  # no longer a scrape target
     echo(f"stage {name}: stopped")
 
 
@@ -239,4 +267,7 @@ def status(settings: Settings) -> list[str]:
     lines.append(
         "ingest: " + (f"running (pid {pid}, port {settings.ingest.port})" if pid else "stopped")
     )
+    prometheus = monitor.local_prometheus(settings)
+    if prometheus.pid() is not None:
+        lines.append(f"prometheus: running ({prometheus.url})")
     return lines

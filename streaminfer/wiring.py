@@ -6,11 +6,13 @@ from typing import Final, Literal
 
 import redis
 from confluent_kafka import Consumer, Producer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
+from schemas.keys import ResultKeys
+from schemas.models import ModelCatalog
 from sinks.redis_store import ResultStore
 from stages.committers import AtLeastOnceCommitter, Committer, TransactionalCommitter
-from stages.dlq import DlqBudget
+from stages.dlq import DOWNSTREAM_REASONS, PIPELINE_REASONS, DlqBudget
 from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
@@ -34,6 +36,11 @@ def input_topics(settings: Settings, name: StageName) -> list[str]:
     }[name]
 
 
+def model_catalog(settings: Settings) -> ModelCatalog:
+    """The model contracts alone (no ONNX Runtime sessions): enough to validate requests."""
+    return ModelCatalog(settings.stage.models_dir)
+
+
 def model_registry(settings: Settings) -> ModelRegistry:
     options = SessionOptions(
         intra_op_threads=settings.stage.onnx_intra_op_threads,
@@ -49,17 +56,26 @@ def result_store(settings: Settings) -> ResultStore:
         settings.redis.url.get_secret_value(), socket_timeout=5, socket_connect_timeout=5
     )
     return ResultStore(
-        client=client, ttl_s=settings.redis.result_ttl_s, prefix=settings.kafka.topic_prefix
+        client=client,
+        ttl_s=settings.redis.result_ttl_s,
+        keys=ResultKeys(prefix=settings.kafka.topic_prefix),
     )
 
 
 def build_stage(settings: Settings, name: StageName, metrics: StageMetrics) -> Stage:
     topics = settings.topics
     if name == "validate":
-        return ValidateStage(registry=model_registry(settings), output_topic=topics.validated)
+        return ValidateStage(catalog=model_catalog(settings), output_topic=topics.validated)
     if name == "infer":
-        return InferStage(registry=model_registry(settings), output_topic=topics.results)
-    return PersistStage(store=result_store(settings), output_topic=topics.stored, metrics=metrics)
+        return InferStage(
+            registry=model_registry(settings), output_topic=topics.results, metrics=metrics
+        )
+    return PersistStage(
+        store=result_store(settings),
+        output_topic=topics.stored,
+        default_tenant=settings.kafka.default_tenant,
+        metrics=metrics,
+    )
 
 
 def stage_metrics(settings: Settings, name: StageName, slot: int) -> StageMetrics:
@@ -67,46 +83,68 @@ def stage_metrics(settings: Settings, name: StageName, slot: int) -> StageMetric
     if settings.stage.metrics_port is None:
         return NullMetrics()
     registry = CollectorRegistry()
-    start_http_server(settings.stage.metrics_port + slot, addr="127.0.0.1", registry=registry)
+    ProcessCollector(registry=registry)  # process_start_time_seconds: restarts show
+    start_http_server(
+        settings.stage.metrics_port + slot, addr=settings.stage.metrics_host, registry=registry
+    )
     return PrometheusStageMetrics(stage=name, registry=registry)
 
 
 def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> StageRunner:
     """One consumer-group member of stage ``name``: its consumer, producer and stage."""
     metrics = stage_metrics(settings, name, slot)
-    consumer = make_consumer(settings, group_id=settings.group_id(name))
+    consumer = make_consumer(
+        settings, group_id=settings.group_id(name), **static_member(settings, name, slot)
+    )
+    gate = priority_gate(settings, name)
+    backlog = None
+    if gate is not None and settings.priority.max_downstream > 0:
+        backlog = downstream_backlog(settings, interval_s=settings.priority.poll_interval_s)
     return StageRunner(
         stage=build_stage(settings, name, metrics),
         consumer=consumer,
-        committer=make_committer(settings, name, slot=slot, consumer=consumer),
+        committer=make_committer(settings, name, slot=slot, consumer=consumer, metrics=metrics),
         input_topics=input_topics(settings, name),
         dlq_topic=settings.topics.dlq,
         batch_size=settings.stage.batch_max_records,
         batch_timeout_s=settings.stage.batch_timeout_s,
+        max_record_bytes=settings.kafka.message_max_bytes,
         dlq_budget=DlqBudget(
             stage=name,
+            # validate finds every client error; after it, malformed input is a pipeline bug.
+            counted_reasons=PIPELINE_REASONS if name == "validate" else DOWNSTREAM_REASONS,
             max_ratio=settings.stage.dlq_max_ratio,
             window=settings.stage.dlq_window_records,
             min_records=settings.stage.dlq_min_records,
         ),
         metrics=metrics,
-        priority=priority_gate(settings, name),
+        priority=gate,
+        # The downstream reading thread runs exactly as long as the runner.
+        downstream=backlog.reading if backlog is not None else lambda: None,
+        running=backlog.running(lambda: gate.admitted) if backlog and gate else None,
     )
+
+
+def static_member(settings: Settings, name: StageName, slot: int) -> dict[str, str]:
+    """Static group membership (KIP-345): the worker slot's stable name, the one its
+    transactional.id uses, as ``group.instance.id``. A restarted worker then takes its
+    partitions back without a rebalance; one stopped for good keeps them unassigned until
+    ``session.timeout.ms`` (static members do not leave the group on close)."""
+    if not settings.stage.static_membership:
+        return {}
+    return {"group.instance.id": settings.transactional_id(name, slot)}
 
 
 def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
     """validate serves live requests first: backfill waits while they have a backlog, and
-    while infer and persist have ``priority_max_downstream`` records or more to do."""
+    while infer and persist have ``priority_max_downstream`` records or more to do (that
+    reading is :func:`downstream_backlog`, given to the runner by :func:`build_runner`)."""
     if name != "validate":
         return None
-    downstream = None
-    if settings.priority.max_downstream > 0:
-        downstream = downstream_backlog(settings, interval_s=settings.priority.poll_interval_s)
     return PriorityGate(
         live_topics=[settings.topics.requests],
         bulk_topics=[settings.topics.requests_backfill],
         max_live_lag=settings.priority.max_live_lag,
-        downstream=downstream,
         max_downstream=settings.priority.max_downstream,
         max_downstream_idle=settings.priority.max_downstream_idle,
         live_idle_s=settings.priority.live_idle_s,
@@ -129,7 +167,12 @@ def downstream_backlog(settings: Settings, *, interval_s: float) -> DownstreamBa
 
 
 def make_committer(
-    settings: Settings, name: StageName, *, slot: int, consumer: Consumer
+    settings: Settings,
+    name: StageName,
+    *,
+    slot: int,
+    consumer: Consumer,
+    metrics: StageMetrics | None = None,
 ) -> Committer:
     """Transactions between Kafka stages in exactly-once mode. Persist is always
     at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent."""
@@ -143,6 +186,7 @@ def make_committer(
             max_records=settings.stage.txn_max_records,
             max_interval_s=settings.stage.txn_max_interval_s,
             timeout_s=settings.kafka.delivery_timeout_s,
+            metrics=metrics,
         )
     return AtLeastOnceCommitter(
         producer=make_producer(settings),

@@ -3,6 +3,9 @@
 Session-wide: uses ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` when set, otherwise starts the
 local broker and Redis with the ``ops/`` scripts (and stops at the end what it started).
 Per test: uuid-named topics (via the topic prefix) and groups, so tests never share state.
+
+The one way tests start the pipeline is :meth:`StageProcesses.start_pipeline` (real
+``streaminfer stage`` processes); :class:`Load` sends paced traffic from a thread.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,11 +24,13 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from streaminfer.kafka import create_topics, make_admin, make_consumer
+from kafkaio.offsets import end_offsets, end_offsets_total, partitions
+from kafkaio.produce import RequestProducer
+from streaminfer.kafka import create_topics, make_admin, make_consumer, make_producer
 from streaminfer.settings import Settings
 from streaminfer.stack import KAFKA, REDIS, Service, group_ready
-from streaminfer.wiring import StageName
-from tests.helpers import REPO
+from streaminfer.wiring import STAGE_NAMES, StageName
+from tests.helpers import REPO, digits_request, holdout
 
 
 def _ensure(service: Service, settings: Settings) -> bool:
@@ -93,6 +99,11 @@ class StageProcesses:
         )
         if wait:
             self.wait_joined(name, label=label)
+
+    def start_pipeline(self) -> None:
+        """validate, infer and persist, one member each, every one joined to its group."""
+        for name in STAGE_NAMES:
+            self.start(name)
 
     def signal(self, label: str, signum: int) -> None:
         self.procs[label].send_signal(signum)
@@ -164,15 +175,15 @@ def read_topic(
     """Every record of ``topic``: waits until at least ``count`` are in, then reads on to the
     partitions' current ends, so surplus records (duplicates) are returned too."""
     consumer: Consumer = make_consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    numbers = partitions(consumer, topic)
+    consumer.assign([TopicPartition(topic, p, 0) for p in numbers])
     messages: list[Message] = []
 
     def read_some() -> None:
         messages.extend(m for m in consumer.consume(1000, timeout=0.2) if not m.error())
 
     def at_end(ends: dict[int, int]) -> bool:
-        positions = consumer.position([TopicPartition(topic, p) for p in partitions])
+        positions = consumer.position([TopicPartition(topic, p) for p in numbers])
         return all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in positions)
 
     try:
@@ -180,10 +191,7 @@ def read_topic(
         while len(messages) < count and time.monotonic() < deadline:
             read_some()
         # The ends are read once: asking the broker on every loop would queue behind fetches.
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
+        ends = end_offsets(consumer, topic)
         while not at_end(ends) and time.monotonic() < deadline:
             read_some()
     finally:
@@ -191,3 +199,60 @@ def read_topic(
     if len(messages) < count:
         raise AssertionError(f"{topic}: {len(messages)} records after {timeout_s}s, want {count}")
     return messages
+
+
+def records_written(settings: Settings, topic: str) -> int:
+    """The sum of ``topic``'s end offsets (0: nothing was ever written to it)."""
+    consumer = make_consumer(settings, group_id=f"offsets-{uuid.uuid4().hex}")
+    try:
+        return end_offsets_total(consumer, topic)
+    finally:
+        consumer.close()
+
+
+class Load:
+    """Sends ``count`` digits requests at ``rate`` per second from a background thread."""
+
+    def __init__(self, settings: Settings, *, count: int, rate: float, tag: str = "f") -> None:
+        self.settings = settings
+        self.ids = [f"{tag}-{i}" for i in range(count)]
+        self.rate = rate
+        self.sent = 0
+        self.undelivered = -1
+        self._sender: RequestProducer | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        features, _ = holdout()
+        # Like a client that retries: outlive a broker restart instead of failing the send.
+        producer = make_producer(self.settings, **{"delivery.timeout.ms": 180_000})
+        sender = RequestProducer(producer=producer, topic=self.settings.topics.requests)
+        self._sender = sender
+        started = time.monotonic()
+        for i, request_id in enumerate(self.ids):
+            # Pace against the clock, not with fixed sleeps, so the rate holds under load.
+            ahead = started + i / self.rate - time.monotonic()
+            if self._stopped.wait(max(0.0, ahead)):
+                break
+            sender.send(digits_request(features[i % len(features)], request_id=request_id))
+            self.sent = i + 1
+        self.undelivered = sender.flush(200)
+
+    def stop(self) -> None:
+        """Send no more (of ``ids``, only the first ``sent`` went out)."""
+        self._stopped.set()
+
+    def wait_sent(self, fraction: float, timeout_s: float = 60) -> None:
+        target = int(len(self.ids) * fraction)
+        wait_until(lambda: self.sent >= target, timeout_s, f"{target} requests sent")
+
+    def join(self, timeout_s: float = 240) -> None:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "load did not finish"
+        failed = self._sender.failed[:1] if self._sender else []
+        assert self.undelivered == 0, f"{self.undelivered} requests not acknowledged: {failed}"

@@ -16,12 +16,19 @@
 #   STREAMINFER_KAFKA_HEAP_OPTS        default "-Xmx512m -Xms512m"
 #   PYTHON                             interpreter for the readiness probe
 #                                      (default <repo>/.venv/bin/python, else python3)
+#   KAFKA_NODES                        1 (default): this one node. 3 (up to 5): a local KRaft
+#                                      cluster on other ports and directories, run by
+#                                      ops/kafka/cluster.sh (see there); nothing below applies
 #
 # Without root (no apt) and without java 17+/maven, use `docker compose up` instead.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
+
+if [[ "${KAFKA_NODES:-1}" != 1 ]]; then
+    exec bash "$here/cluster.sh" "$@"
+fi
 
 home="${STREAMINFER_HOME:-$repo/.cache}"
 mkdir -p "$home"

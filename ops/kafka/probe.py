@@ -1,4 +1,5 @@
-"""Is a Kafka broker answering on HOST:PORT? Exit 0 if a Metadata request lists >= 1 broker.
+"""Is a Kafka broker answering on HOST:PORT? Exit 0 if a Metadata request lists >= 1 broker
+(>= N with ``--brokers N``: ops/kafka/cluster.sh waits until every node has registered).
 
 Used by ops/kafka/kafka.sh as its readiness check (one attempt per call; the script loops).
 With confluent_kafka importable it asks through the real client the project uses; otherwise it
@@ -6,7 +7,7 @@ sends a Metadata v4 request over a plain socket (standard library only), so the 
 before the project's virtualenv exists. A broker only serves client listeners once it has
 caught up with the metadata log, so an answer means it is ready for clients.
 
-usage: probe.py HOST PORT [TIMEOUT_S] [-v]
+usage: probe.py HOST PORT [TIMEOUT_S] [-v] [--brokers N]
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import struct
 import sys
 
 
-def probe_confluent(host: str, port: int, timeout: float) -> str:
+def probe_confluent(host: str, port: int, timeout: float, min_brokers: int = 1) -> str:
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": f"{host}:{port}", "log_level": 0})
     md = admin.list_topics(timeout=timeout)
-    if not md.brokers:
-        raise RuntimeError("metadata lists no brokers")
+    if len(md.brokers) < min_brokers:
+        raise RuntimeError(f"metadata lists {len(md.brokers)} brokers, want {min_brokers}")
     brokers = ", ".join(f"{b.id}@{b.host}:{b.port}" for b in md.brokers.values())
     return f"cluster {md.cluster_id}, brokers {brokers} (confluent_kafka)"
 
@@ -37,7 +38,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def probe_raw(host: str, port: int, timeout: float) -> str:
+def probe_raw(host: str, port: int, timeout: float, min_brokers: int = 1) -> str:
     # Metadata (api key 3) v4: the oldest version Kafka 4.x still serves (KIP-896 removed v0-3),
     # and the newest one without the "flexible" (tagged-field) encoding. Header v1, body:
     # topics = null (all topics), allow_auto_topic_creation = false.
@@ -55,8 +56,8 @@ def probe_raw(host: str, port: int, timeout: float) -> str:
     got_id, _throttle, n_brokers = struct.unpack_from(">iii", resp, 0)
     if got_id != correlation_id:
         raise RuntimeError(f"correlation id {got_id} != {correlation_id}")
-    if n_brokers < 1:
-        raise RuntimeError("metadata lists no brokers")
+    if n_brokers < min_brokers:
+        raise RuntimeError(f"metadata lists {n_brokers} brokers, want {min_brokers}")
     off = 12
     brokers = []
     for _ in range(n_brokers):
@@ -75,6 +76,11 @@ def probe_raw(host: str, port: int, timeout: float) -> str:
 def main(argv: list[str]) -> int:
     verbose = "-v" in argv
     args = [a for a in argv if a != "-v"]
+    min_brokers = 1
+    if "--brokers" in args:
+        at = args.index("--brokers")
+        min_brokers = int(args[at + 1])
+        del args[at : at + 2]
     if len(args) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
@@ -87,7 +93,7 @@ def main(argv: list[str]) -> int:
     else:
         probe = probe_confluent
     try:
-        summary = probe(host, port, timeout)
+        summary = probe(host, port, timeout, min_brokers)
     except Exception as exc:  # any failure just means "not ready (yet)"
         if verbose:
             print(f"not ready: {type(exc).__name__}: {exc}", file=sys.stderr)

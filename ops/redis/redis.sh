@@ -10,6 +10,9 @@
 #   STREAMINFER_HOME                 state root (default <repo>/.cache); uses $STREAMINFER_HOME/redis/
 #   STREAMINFER_REDIS_PORT           default 6379
 #   STREAMINFER_REDIS_START_TIMEOUT  seconds `start` waits for PONG (default 60: a big snapshot takes a while to load)
+#   STREAMINFER_REDIS_MAXMEMORY      Redis maxmemory (default 1gb). Every result has a TTL, so at
+#                                    the limit Redis evicts the results nearest to expiry
+#                                    (volatile-ttl); only when none can go does a write get OOM.
 #
 # Without root (no apt) and without redis-server, use `docker compose up` instead.
 set -euo pipefail
@@ -29,6 +32,7 @@ log="$rdir/redis.log"
 host=127.0.0.1
 port="${STREAMINFER_REDIS_PORT:-6379}"
 start_timeout="${STREAMINFER_REDIS_START_TIMEOUT:-60}"
+maxmemory="${STREAMINFER_REDIS_MAXMEMORY:-1gb}"
 
 say() { echo "redis: $*"; }
 # shellcheck source=ops/lib/proc.sh
@@ -72,6 +76,10 @@ dir $rdir
 # A development cache: no periodic snapshots (ops/redis/redis.sh stop saves one), no AOF.
 save ""
 appendonly no
+# Bounded memory. Results all carry a TTL: at the limit the ones closest to expiring go first;
+# a write that still does not fit gets an OOM error, which persist retries (it pauses).
+maxmemory $maxmemory
+maxmemory-policy volatile-ttl
 EOF
 }
 

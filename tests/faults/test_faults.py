@@ -12,12 +12,13 @@ import pytest
 import redis
 from confluent_kafka import KafkaError, Message, Producer
 
+from schemas.keys import ResultKeys
 from stages.committers import EXIT_STUCK
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
 from streaminfer.stack import KAFKA, REDIS
-from tests.faults.harness import Ledger, Load, ledger
-from tests.fixtures import StageProcesses, read_topic, wait_until
+from tests.faults.harness import Ledger, ledger
+from tests.fixtures import Load, StageProcesses, read_topic, wait_until
 from tests.helpers import REQUESTS, digits_request, encode_raw, holdout
 
 pytestmark = pytest.mark.faults
@@ -33,11 +34,6 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield request.param
 
 
-def _pipeline(stages: StageProcesses) -> None:
-    for name in ("validate", "infer", "persist"):
-        stages.start(name)
-
-
 def _check(result: Ledger, mode: str) -> None:
     assert result.lost == 0, f"{result.lost} of {result.sent} results lost"
     assert result.in_redis == result.sent, f"{result.sent - result.in_redis} missing in Redis"
@@ -48,7 +44,7 @@ def _check(result: Ledger, mode: str) -> None:
 def test_kill_9_any_stage_mid_stream(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _pipeline(stages)
+    stages.start_pipeline()
     load = Load(settings, count=3000, rate=600).start()
     rng = random.Random(7)
     for round_, name in enumerate(["infer", "validate", "persist", "infer"]):
@@ -70,7 +66,7 @@ def test_stopped_infer_worker_is_fenced_when_it_wakes(
         "STREAMINFER_KAFKA_CONSUMER_EXTRA",
         '{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 7000}',
     )
-    _pipeline(stages)
+    stages.start_pipeline()
     stages.start("infer", label="infer-b", worker_id="b")
     load = Load(settings, count=3000, rate=500).start()
     load.wait_sent(0.3)
@@ -85,7 +81,7 @@ def test_stopped_infer_worker_is_fenced_when_it_wakes(
 def test_sigterm_drains_and_restart_reprocesses_nothing(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _pipeline(stages)
+    stages.start_pipeline()
     load = Load(settings, count=2000, rate=800).start()
     load.wait_sent(0.5)
     assert stages.terminate("infer") == 0
@@ -99,7 +95,7 @@ def test_sigterm_drains_and_restart_reprocesses_nothing(
 def test_scale_infer_1_3_1_under_load(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _pipeline(stages)
+    stages.start_pipeline()
     load = Load(settings, count=3000, rate=600).start()
     load.wait_sent(0.25)
     stages.start("infer", label="infer-b", worker_id="b", wait=False)
@@ -117,7 +113,7 @@ def test_redis_down_for_10s_pauses_persist_then_resumes(
 ) -> None:
     if not REDIS.managed(settings):
         pytest.skip("REDIS_URL points at a Redis this test must not stop")
-    _pipeline(stages)
+    stages.start_pipeline()
     load = Load(settings, count=2000, rate=150).start()  # ~13 s of traffic
     load.wait_sent(0.15)
     REDIS.stop(settings)
@@ -133,13 +129,16 @@ def test_broker_restart_under_load(
 ) -> None:
     if not KAFKA.managed(settings):
         pytest.skip("KAFKA_BOOTSTRAP_SERVERS points at a broker this test must not stop")
-    _pipeline(stages)
+    stages.start_pipeline()
     load = Load(settings, count=2000, rate=200).start()
     load.wait_sent(0.3)
     KAFKA.stop(settings)
     KAFKA.start(settings)
     load.join()
-    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in load.ids]
+    keys = [
+        ResultKeys(settings.kafka.topic_prefix).key(settings.kafka.default_tenant, i)
+        for i in load.ids
+    ]
     restarted: list[str] = []
 
     def supervised_until_stored() -> bool:
@@ -159,7 +158,7 @@ def test_broker_restart_under_load(
 def test_poison_records_go_to_the_dlq_with_their_offsets(
     mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _pipeline(stages)
+    stages.start_pipeline()
     features, _ = holdout()
     poison = {
         "not-msgpack": b"\xc1\xc1\xc1",

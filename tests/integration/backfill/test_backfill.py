@@ -31,19 +31,16 @@ from backfill.completeness import ExportReport
 from backfill.export import export_backfill
 from backfill.ids import file_key, request_id
 from backfill.plan import checkpoint_store
-from backfill.topics import (
-    PartitionRange,
-    RecordHead,
-    decode_head,
-    range_reader,
-    watermarks,
-)
+from backfill.topics import PartitionRange
+from kafkaio.dead_letters import RecordHead, decode_head
+from kafkaio.offsets import watermarks
 from schemas import Headers
 from streaminfer.cli import main
+from streaminfer.contexts import backfill_context, range_reader
 from streaminfer.kafka import create_topics, make_producer
 from streaminfer.settings import Settings
 from tests.fixtures import StageProcesses, wait_until
-from tests.helpers import MODELS, REPO, REQUESTS, digits_request, holdout
+from tests.helpers import MODELS, REPO, REQUESTS, digits_request, encode_raw, holdout
 
 pytestmark = pytest.mark.integration
 ROWS = 10_000
@@ -66,8 +63,7 @@ def pipeline(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     create_topics(settings)
     stages = StageProcesses(settings, base)
     try:
-        for name in ("validate", "infer", "persist"):
-            stages.start(name)
+        stages.start_pipeline()
         yield settings
     finally:
         codes = stages.stop_all()
@@ -124,7 +120,7 @@ def new_id(kind: str) -> str:
 
 def export(settings: Settings, backfill_id: str, to: Path) -> ExportReport:
     """Export once every expected row is present or dead-lettered (or 120 s passed)."""
-    report = export_backfill(settings, backfill_id, to, wait_s=120)
+    report = export_backfill(backfill_context(settings), backfill_id, to, wait_s=120)
     print("\n".join(report.lines()))
     return report
 
@@ -217,7 +213,7 @@ def test_killed_backfill_resumes_without_gaps_or_new_ids(
 ) -> None:
     source = write_csv(tmp_path / "digits.csv", digits(ROWS))
     bid = new_id("kill")
-    store = checkpoint_store(pipeline)
+    store = checkpoint_store(backfill_context(pipeline))
     kill_at = random.Random().randint(1_000, 7_000)
     print(f"killing {bid} after {kill_at} rows")
     proc = backfill_cli(
@@ -265,7 +261,7 @@ def test_ctrl_c_leaves_a_checkpoint_of_exactly_what_kafka_holds(
 ) -> None:
     source = write_csv(tmp_path / "digits.csv", digits(ROWS))
     bid = new_id("int")
-    store = checkpoint_store(pipeline)
+    store = checkpoint_store(backfill_context(pipeline))
     proc = backfill_cli(
         str(source),
         "--model",
@@ -312,7 +308,7 @@ def test_bad_rows_are_reported_or_dead_lettered_with_their_row_numbers(
     bid = new_id("bad")
     assert main(["backfill", str(source), "--model", "digits", "--backfill-id", bid]) == 0
 
-    store = checkpoint_store(pipeline)
+    store = checkpoint_store(backfill_context(pipeline))
     rejects = {r.row: r.reason for r in read_rejects(store.rejects_path(bid))}
     assert rejects == {row: reason for row, (kind, reason, _) in bad.items() if kind == "reject"}
     assert store.load(bid).sent == 197
@@ -334,6 +330,62 @@ def test_bad_rows_are_reported_or_dead_lettered_with_their_row_numbers(
         for head, message in records_of(pipeline, pipeline.topics.dlq, bid)
     }
     assert found == dead
+
+
+def _forged_result(backfill_id: str, record_id: str, **attributes: str) -> bytes:
+    """A well-formed result claiming to be a row of ``backfill_id``."""
+    return encode_raw(
+        {
+            "id": record_id,
+            "model": "digits",
+            "model_version": "1",
+            "status": "ok",
+            "outputs": {},
+            "created_at": time.time(),
+            "attributes": {"source": "backfill", "backfill_id": backfill_id, **attributes},
+        }
+    )
+
+
+def test_bad_rows_and_hostile_records_never_break_a_backfill_or_its_export(
+    pipeline: Settings, tmp_path: Path
+) -> None:
+    """A 2 MiB cell is a reject and the run goes on; garbage on the results topic and the
+    DLQ, and records forging this backfill's attributes (a row of ``"\u00b2"``, a row out of
+    range, another file, the right row with a wrong id), are skipped by the export."""
+    lines = [",".join(str(int(v)) for v in row) for row in digits(30)]
+    lines[9] = "7" * (2 << 20) + "," + lines[9].split(",", 1)[1]
+    source = tmp_path / "cells.csv"
+    source.write_text(",".join(PIXELS) + "\n" + "\n".join(lines) + "\n")
+    bid = new_id("hostile")
+    assert main(["backfill", str(source), "--model", "digits", "--backfill-id", bid]) == 0
+    store = checkpoint_store(backfill_context(pipeline))
+    assert {r.row: r.reason for r in read_rejects(store.rejects_path(bid))} == {10: "too_large"}
+
+    name, key = str(source.resolve()), file_key(source)
+    hostile: list[tuple[str, bytes | None, list[tuple[str | bytes, bytes]] | None]] = [
+        ("results", b"\xc1 not msgpack", None),
+        ("results", None, [(b"\xff\xfe", b"\xc3\x28")]),
+        ("results", b"\x91" * 3000 + b"\xc0", None),
+        ("results", _forged_result(bid, f"{bid}:{key}:2", file=name, row="\u00b2"), None),
+        ("results", _forged_result(bid, f"{bid}:{key}:999", file=name, row="999"), None),
+        ("results", _forged_result(bid, f"{bid}:{key}:3", file="/etc/passwd", row="3"), None),
+        ("results", _forged_result(bid, "forged", file=name, row="4"), None),
+        ("dlq", _forged_result(bid, f"{bid}:{key}:5", file=name, row="\u00b2"), None),
+        ("dlq", b"\xff" * 40, [(b"\xff", b"\xff"), ("dlq.source.offset", b"\xb2")]),
+    ]
+    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers})
+    for topic, value, headers in hostile:
+        producer.produce(getattr(pipeline.topics, topic), value=value, headers=headers)
+    assert producer.flush(30) == 0
+
+    out = tmp_path / "results.parquet"
+    report = export(pipeline, bid, out)
+    assert report.complete and (report.expected, report.present, report.written) == (29, 29, 29)
+    assert report.foreign == 5 and report.dead_lettered == 0 and not report.dead_reasons
+    table = pq.read_table(out)
+    assert sorted(table.column("row").to_pylist()) == [r for r in range(1, 31) if r != 10]
+    assert set(table.column("file").to_pylist()) == {name}
 
 
 def test_replay_of_a_time_window_resends_exactly_its_requests(
@@ -364,7 +416,7 @@ def test_replay_of_a_time_window_resends_exactly_its_requests(
     rid = new_id("rp")
     window_args = ["--from", str(start_ms / 1000), "--to", str((start_ms + 10_000) / 1000)]
     assert main(["replay", *window_args, "--model", "digits", "--replay-id", rid]) == 0
-    checkpoint = checkpoint_store(pipeline).load(rid)
+    checkpoint = checkpoint_store(backfill_context(pipeline)).load(rid)
     assert (checkpoint.sent, checkpoint.rejected) == (120, 1)
     assert sum(s.skipped for s in checkpoint.sources) == 10
 

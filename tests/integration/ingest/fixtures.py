@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from ingest.app import create_app
+from streaminfer.ingest_app import create_app
 from streaminfer.settings import Settings
 from tests.fixtures import wait_until
 

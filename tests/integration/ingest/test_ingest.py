@@ -17,7 +17,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import redis
-from confluent_kafka import TopicPartition
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,9 +24,10 @@ from pydantic import SecretStr
 
 from ingest.rendering import result_json
 from schemas import Codec, RequestV1, ResultV1, StoredV1, tensor_from_array, tensor_to_array
-from streaminfer.kafka import make_consumer, make_producer
+from schemas.keys import ResultKeys
+from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
-from tests.fixtures import StageProcesses, read_topic, wait_until
+from tests.fixtures import StageProcesses, read_topic, records_written, wait_until
 from tests.helpers import MODELS, REPO
 from tests.integration.ingest.fixtures import (
     DIGITS_PIXELS,
@@ -45,23 +45,6 @@ RESULTS = Codec(ResultV1)
 def api(settings: Settings) -> Iterator[httpx.Client]:
     with serving(settings) as client:
         yield client
-
-
-def records_in(settings: Settings, topic: str) -> int:
-    consumer = make_consumer(settings, group_id="watermarks")
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        )
-    finally:
-        consumer.close()
-
-
-def start_pipeline(stages: StageProcesses) -> None:
-    for name in ("validate", "infer", "persist"):
-        stages.start(name)
 
 
 def model_label(pixels: list[float]) -> str:
@@ -129,7 +112,7 @@ def test_invalid_requests_get_422_with_paths_and_nothing_reaches_kafka(
     errors = [(e["path"], e["reason"]) for e in response.json()["errors"]]
     assert errors == [("$[1].inputs.input", "signature_mismatch"), ("$[2]", "malformed")]
     assert "model" in response.json()["errors"][1]["message"]
-    assert records_in(settings, settings.topics.requests) == 0
+    assert records_written(settings, settings.topics.requests) == 0
 
 
 def test_413_for_a_large_body_or_batch_and_429_when_the_queue_is_full(
@@ -147,7 +130,7 @@ def test_413_for_a_large_body_or_batch_and_429_when_the_queue_is_full(
         full = client.post("/v1/requests", json=[digits_body(f"q-{i}") for i in range(3)])
         assert full.status_code == 429
         assert full.headers["retry-after"] == str(settings.ingest.busy_retry_after_s)
-    assert records_in(settings, settings.topics.requests) == 0
+    assert records_written(settings, settings.topics.requests) == 0
 
 
 def test_api_keys(settings: Settings) -> None:
@@ -202,7 +185,7 @@ def test_predict_round_trip_and_504_then_fetchable(
 ) -> None:
     late = api.post("/v1/predict", params={"timeout": 0.2}, json=digits_body("late-1"))
     assert late.status_code == 504 and late.json()["id"] == "late-1"
-    start_pipeline(stages)
+    stages.start_pipeline()
     wait_until(lambda: api.get("/v1/results/late-1").status_code == 200, 60, "late-1 stored")
 
     # An id with a slash: still one path parameter for the lookup.
@@ -220,7 +203,7 @@ def test_predict_round_trip_and_504_then_fetchable(
 def test_predict_answers_422_with_the_dlq_reason(
     settings: Settings, stages: StageProcesses
 ) -> None:
-    start_pipeline(stages)
+    stages.start_pipeline()
     # With the model check off the request reaches Kafka and the validate stage rejects it.
     with serving(settings, ingest={"check_models": False}) as client:
         body = digits_body("dead-1", model="cats")
@@ -238,13 +221,14 @@ def test_predict_answers_422_with_the_dlq_reason(
 def test_same_id_twice_yields_one_result(
     settings: Settings, api: httpx.Client, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    start_pipeline(stages)
+    stages.start_pipeline()
     for _ in range(2):
         assert api.post("/v1/requests", json=digits_body("twice-1")).status_code == 202
     notices = read_topic(settings, settings.topics.stored, count=2)
     assert [Codec(StoredV1).decode(n.value()).id for n in notices] == ["twice-1", "twice-1"]
     keys = redis_client.keys(f"{settings.kafka.topic_prefix}result:*")
-    assert keys == [f"{settings.kafka.topic_prefix}result:twice-1".encode()]
+    stored = ResultKeys(settings.kafka.topic_prefix).key(settings.kafka.default_tenant, "twice-1")
+    assert keys == [stored.encode()]
 
 
 def test_metrics_count_requests_and_records(api: httpx.Client) -> None:
@@ -435,6 +419,6 @@ def test_no_input_produces_a_5xx(
 @pytest.fixture()
 def pipeline_api(settings: Settings, stages: StageProcesses) -> Iterator[httpx.Client]:
     """The API with the pipeline behind it: a valid predict gets its 200, not a 504."""
-    start_pipeline(stages)
+    stages.start_pipeline()
     with serving(settings) as client:
         yield client

@@ -11,8 +11,9 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from ingest.producer import RequestProducer
+from kafkaio.produce import RequestProducer
 from schemas import Codec, ResultV1, StoredV1, tensor_from_array, tensor_to_array
+from schemas.keys import ResultKeys
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
 from tests.fixtures import StageProcesses, read_topic
@@ -30,15 +31,10 @@ def _send(settings: Settings, values: list[tuple[bytes, bytes]]) -> None:
     assert producer.flush(30) == 0
 
 
-def _start_pipeline(stages: StageProcesses) -> None:
-    for name in ("validate", "infer", "persist"):
-        stages.start(name)
-
-
 def test_every_request_gets_exactly_the_models_answer(
     settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _start_pipeline(stages)
+    stages.start_pipeline()
     features, _ = holdout()
     sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)
     ids = [f"req-{i}-{uuid.uuid4().hex[:6]}" for i in range(len(features))]
@@ -55,7 +51,9 @@ def test_every_request_gets_exactly_the_models_answer(
 
     direct = ort.InferenceSession(str(MODELS / "digits" / "1" / "model.onnx"))
     labels, probabilities = direct.run(None, {"input": features})
-    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in ids]
+    keys = [
+        ResultKeys(settings.kafka.topic_prefix).key(settings.kafka.default_tenant, i) for i in ids
+    ]
     for i, value in enumerate(redis_client.mget(keys)):
         assert value is not None, f"{ids[i]} missing from Redis"
         result = RESULTS.decode(value)
@@ -70,7 +68,7 @@ def test_every_request_gets_exactly_the_models_answer(
 def test_bad_records_go_to_the_dlq_and_never_block_good_ones(
     settings: Settings, stages: StageProcesses, redis_client: redis.Redis
 ) -> None:
-    _start_pipeline(stages)
+    stages.start_pipeline()
     features, _ = holdout()
     bad = {
         "malformed": b"\xc1 this is not msgpack",
@@ -114,7 +112,10 @@ def test_bad_records_go_to_the_dlq_and_never_block_good_ones(
         assert message.value() == bad[kind]  # original bytes untouched
 
     read_topic(settings, settings.topics.stored, count=len(good_ids))
-    keys = [f"{settings.kafka.topic_prefix}result:{i}" for i in good_ids]
+    keys = [
+        ResultKeys(settings.kafka.topic_prefix).key(settings.kafka.default_tenant, i)
+        for i in good_ids
+    ]
     assert all(v is not None for v in redis_client.mget(keys))
 
 

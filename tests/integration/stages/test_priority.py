@@ -8,13 +8,12 @@ import uuid
 
 import pytest
 
-from ingest.producer import RequestProducer
+from kafkaio.produce import RequestProducer
 from schemas import Codec, StoredV1, ValidatedRequestV1
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
 from streaminfer.wiring import downstream_backlog
-from tests.faults.harness import Load
-from tests.fixtures import StageProcesses, read_topic
+from tests.fixtures import Load, StageProcesses, read_topic
 from tests.helpers import digits_request, holdout
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from backfill.readers import (
     detect_format,
     open_reader,
 )
-from stages.models import ModelSpec, TensorSpec
+from schemas.models import ModelSpec, TensorSpec
 from tests.helpers import holdout
 
 PIXELS = [f"px_{i}" for i in range(64)]
@@ -140,7 +140,7 @@ def test_csv_streams_in_several_batches_with_row_numbers(
     tmp_path: Path, features: np.ndarray
 ) -> None:
     path = write_csv(tmp_path / "d.csv", PIXELS, csv_rows(features))
-    reader = CsvReader(path, block_bytes=4096)
+    reader = CsvReader(path, max_row_bytes=4096)
     chunks = list(reader.chunks(plan_mapping(DIGITS, reader.columns(), None)))
     assert len(chunks) > 3  # streamed, not read whole
     got = read_all(reader)

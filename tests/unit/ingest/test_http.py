@@ -1,57 +1,252 @@
-"""HTTP pieces that need no broker: API keys, result rendering, the OpenAPI document."""
+"""HTTP pieces that need no broker: API keys and tenants, reserved attributes, the mapping of
+the service's outcomes to HTTP, result rendering, the OpenAPI document."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import numpy as np
+import pytest
+from fastapi import FastAPI
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from ingest.app import create_app
-from ingest.middleware import ApiKeyGuard
+from ingest.app import HttpConfig, create_app
+from ingest.delivery import Delivery
+from ingest.metrics import IngestMetrics
+from ingest.middleware import ApiKeyGuard, tenant_of
+from ingest.payloads import RequestDecoder, Submission
 from ingest.rendering import result_json
+from ingest.service import KafkaUnavailable, Overloaded
+from ingest.waiters import Stored
 from schemas import Codec, ResultV1, tensor_from_array
+from streaminfer.ingest_app import create_app as create_app_from_settings
 from streaminfer.settings import IngestSettings, Settings
 
-
-def guarded_app() -> ApiKeyGuard:
-    async def hello(_request: object) -> PlainTextResponse:
-        return PlainTextResponse("hello")
-
-    inner = Starlette(routes=[Route("/data", hello), Route("/healthz", hello)])
-    return ApiKeyGuard(inner, keys=["k1", "k2"], open_paths=["/healthz"])
+PIXELS = [float(i % 16) for i in range(64)]
 
 
-def status_of(app: ApiKeyGuard, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
-    async def get() -> httpx.Response:
+def guarded_app(keys: dict[str, str]) -> ApiKeyGuard:
+    async def whose(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(tenant_of(request))
+
+    async def alive(_request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/data", whose), Route("/healthz", alive)])
+    return ApiKeyGuard(inner, keys=keys, default_tenant="trusted", open_paths=["/healthz"])
+
+
+def get(app: Any, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    async def fetch() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.get(path, headers=headers)
 
-    return asyncio.run(get())
+    return asyncio.run(fetch())
 
 
-def test_api_keys_401_without_403_wrong_200_right() -> None:
-    app = guarded_app()
-    missing = status_of(app, "/data")
+def test_api_keys_401_without_403_wrong_and_the_right_key_names_its_tenant() -> None:
+    app = guarded_app({"k1": "acme", "k2": "globex"})
+    missing = get(app, "/data")
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
     assert missing.json()["error"] == "unauthenticated"
-    assert status_of(app, "/data", {"X-API-Key": "nope"}).status_code == 403
-    assert status_of(app, "/data", {"Authorization": "Bearer nope"}).status_code == 403
-    assert status_of(app, "/data", {"X-API-Key": "k2"}).text == "hello"
-    assert status_of(app, "/data", {"Authorization": "Bearer k1"}).text == "hello"
-    assert status_of(app, "/healthz").status_code == 200
+    assert get(app, "/data", {"X-API-Key": "nope"}).status_code == 403
+    assert get(app, "/data", {"Authorization": "Bearer nope"}).status_code == 403
+    assert get(app, "/data", {"X-API-Key": "k2"}).text == "globex"
+    assert get(app, "/data", {"Authorization": "Bearer k1"}).text == "acme"
+    assert get(app, "/healthz").status_code == 200
 
 
-def test_results_render_tensors_as_value_lists() -> None:
+def test_without_keys_every_request_is_the_default_tenants() -> None:
+    assert get(guarded_app({}), "/data").text == "trusted"
+    assert get(guarded_app({}), "/data", {"X-API-Key": "anything"}).text == "trusted"
+
+
+def test_api_key_config_takes_tenant_pairs_and_bare_keys() -> None:
+    raw = "acme=k1, acme=k2 ,globex=k3,bare-key,padded==,x=y=,not a name=k4"
+    ingest = IngestSettings(api_keys=SecretStr(raw))
+    assert ingest.api_key_tenants("main") == {
+        "k1": "acme",
+        "k2": "acme",
+        "k3": "globex",
+        "bare-key": "main",
+        "padded==": "main",  # base64 padding, not a tenant separator
+        "y=": "x",
+        "not a name=k4": "main",
+    }
+    assert IngestSettings().api_key_tenants("main") == {}
+    with pytest.raises(ValueError, match="two tenants"):
+        IngestSettings(api_keys=SecretStr("a=k,b=k")).api_key_tenants("main")
+
+
+def test_default_tenant_setting_must_be_a_tenant_name() -> None:
+    assert Settings().kafka.default_tenant == "default"
+    with pytest.raises(ValueError):
+        Settings(kafka={"default_tenant": "a:b"})  # type: ignore[arg-type]
+
+
+class FakeService:
+    """The routes' view of :class:`IngestService`, recording the tenant of every call."""
+
+    def __init__(self) -> None:
+        self.decoder = RequestDecoder(catalog=None, max_batch=10, message_max_bytes=1_000_000)
+        self.calls: list[tuple[str, str, list[str]]] = []
+        self.stored: dict[tuple[str, str], bytes] = {}
+        self.failure: Exception | None = None
+        self.producer = self
+
+    def queue_depth(self) -> int:
+        return 0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def submit(self, submissions: list[Submission], *, tenant: str) -> list[str]:
+        ids = [s.request.id for s in submissions]
+        self.calls.append(("submit", tenant, ids))
+        if self.failure is not None:
+            raise self.failure
+        return ids
+
+    async def predict(self, submission: Submission, *, tenant: str, timeout_s: float) -> Stored:
+        self.calls.append(("predict", tenant, [submission.request.id]))
+        return Stored(self.stored[(tenant, submission.request.id)])
+
+    async def result(self, tenant: str, request_id: str) -> bytes | None:
+        self.calls.append(("result", tenant, [request_id]))
+        return self.stored.get((tenant, request_id))
+
+
+def http_config(**changes: Any) -> HttpConfig:
+    fields: dict[str, Any] = {
+        "max_body_bytes": 1 << 20,
+        "predict_timeout_s": 2.0,
+        "predict_max_timeout_s": 30.0,
+        "busy_retry_after_s": 1,
+        "unavailable_retry_after_s": 5,
+        "default_tenant": "trusted",
+        "api_keys": {"ka": "acme", "kb": "globex"},
+        **changes,
+    }
+    return HttpConfig(**fields)
+
+
+@pytest.fixture()
+def service() -> FakeService:
+    return FakeService()
+
+
+class Client:
+    """Calls the app in process, inside its lifespan (which builds the factory's service)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._app = app
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._call("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._call("GET", path, **kwargs)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async def call() -> httpx.Response:
+            async with self._app.router.lifespan_context(self._app):
+                transport = httpx.ASGITransport(app=self._app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                    return await http.request(method, path, **kwargs)
+
+        return asyncio.run(call())
+
+
+@pytest.fixture()
+def client(service: FakeService) -> Client:
+    def factory(_metrics: IngestMetrics) -> Any:
+        return service
+
+    return Client(create_app(http_config(), service_factory=factory))
+
+
+def body(request_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": request_id, "model": "digits", "inputs": {"input": PIXELS}, **fields}
+
+
+def test_the_tenant_comes_from_the_key_never_from_the_body(
+    client: Client, service: FakeService
+) -> None:
+    forged = body("r1", tenant="globex", attributes={"tenant": "globex"})
+    sent = client.post("/v1/requests", json=forged, headers={"X-API-Key": "ka"})
+    assert sent.status_code == 202, sent.text
+    service.stored[("acme", "r1")] = Codec(ResultV1).encode(result("r1"))
+    assert client.get("/v1/results/r1", headers={"X-API-Key": "ka"}).status_code == 200
+    other = client.get("/v1/results/r1", headers={"X-API-Key": "kb"})
+    assert other.status_code == 404 and other.json()["error"] == "not_found"
+    predicted = client.post("/v1/predict", json=body("r1"), headers={"X-API-Key": "ka"})
+    assert predicted.json()["id"] == "r1"
+    assert service.calls == [
+        ("submit", "acme", ["r1"]),
+        ("result", "acme", ["r1"]),
+        ("result", "globex", ["r1"]),
+        ("predict", "acme", ["r1"]),
+    ]
+
+
+def test_reserved_attributes_are_422_with_their_paths(client: Client, service: FakeService) -> None:
+    batch = [
+        body("ok-1", attributes={"customer": "c1"}),
+        body("bad-1", attributes={"row": "²", "file": "x.csv", "streaminfer.tenant": "globex"}),
+    ]
+    response = client.post("/v1/requests", json=batch, headers={"X-API-Key": "ka"})
+    assert response.status_code == 422, response.text
+    errors = [(e["path"], e["reason"]) for e in response.json()["errors"]]
+    assert errors == [
+        ("$[1].attributes.file", "malformed"),
+        ("$[1].attributes.row", "malformed"),
+        ("$[1].attributes.streaminfer.tenant", "malformed"),
+    ]
+    single = body("bad-2", attributes={"backfill_id": "b"})
+    response = client.post("/v1/predict", json=single, headers={"X-API-Key": "ka"})
+    assert [e["path"] for e in response.json()["errors"]] == ["$.attributes.backfill_id"]
+    assert service.calls == []  # nothing of either body was produced
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "retry_after"),
+    [
+        (Overloaded("2 record(s) did not fit", Delivery(["a"], {"b": "q", "c": "q"})), 429, "1"),
+        (KafkaUnavailable("Kafka did not acknowledge", Delivery([], {"b": "x"})), 503, "5"),
+    ],
+)
+def test_records_kafka_did_not_take_are_named_in_429_and_503(
+    client: Client, service: FakeService, failure: Exception, status: int, retry_after: str
+) -> None:
+    service.failure = failure
+    response = client.post(
+        "/v1/requests", json=[body("a"), body("b"), body("c")], headers={"X-API-Key": "ka"}
+    )
+    assert response.status_code == status
+    assert response.headers["retry-after"] == retry_after
+    answer = response.json()
+    expected_failed = sorted(failure.failed)  # type: ignore[attr-defined]
+    assert (answer["acknowledged"], answer["failed"]) == (
+        failure.acknowledged,  # type: ignore[attr-defined]
+        expected_failed,
+    )
+
+
+def result(request_id: str) -> ResultV1:
     probabilities = np.array([0.25, 0.75], dtype=np.float32)
-    result = ResultV1(
-        id="r1",
+    return ResultV1(
+        id=request_id,
         model="digits",
         model_version="1",
         status="ok",
@@ -63,7 +258,10 @@ def test_results_render_tensors_as_value_lists() -> None:
         label="1",
         scores={"0": 0.25, "1": 0.75},
     )
-    document = result_json(Codec(ResultV1).encode(result))
+
+
+def test_results_render_tensors_as_value_lists() -> None:
+    document = result_json(Codec(ResultV1).encode(result("r1")))
     assert document["outputs"]["probabilities"] == {
         "dtype": "float32",
         "shape": [2],
@@ -78,7 +276,7 @@ def test_results_render_tensors_as_value_lists() -> None:
 
 
 def test_openapi_describes_the_bodies_and_the_key_schemes() -> None:
-    app = create_app(Settings(ingest=IngestSettings(api_keys=SecretStr("k1"))))
+    app = create_app_from_settings(Settings(ingest=IngestSettings(api_keys=SecretStr("a=k1"))))
     document = app.openapi()
     schemas = document["components"]["schemas"]
     assert {"SubmitRequest", "RequestV1", "Tensor", "TensorValues", "ResultJson", "Error"} <= set(
@@ -94,13 +292,8 @@ def test_openapi_describes_the_bodies_and_the_key_schemes() -> None:
 
 
 def test_docs_can_be_public_while_the_api_needs_a_key() -> None:
-    app = create_app(Settings(ingest=IngestSettings(api_keys=SecretStr("k1"), public_docs=True)))
-
-    async def get(path: str) -> int:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return (await client.get(path)).status_code
-
-    assert asyncio.run(get("/openapi.json")) == 200
-    assert asyncio.run(get("/v1/results/x")) == 401
-    assert asyncio.run(get("/metrics")) == 401
+    settings = Settings(ingest=IngestSettings(api_keys=SecretStr("k1"), public_docs=True))
+    app = create_app_from_settings(settings)
+    assert get(app, "/openapi.json").status_code == 200
+    assert get(app, "/v1/results/x").status_code == 401
+    assert get(app, "/metrics").status_code == 401

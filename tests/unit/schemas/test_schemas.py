@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -75,9 +76,24 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
 
 
 def test_checked_in_json_schemas_match_the_structs() -> None:
-    generated = jsonschema.generate()
-    on_disk = {p.name: p.read_text() for p in jsonschema.SCHEMA_DIR.glob("*.json")}
+    # Compared as parsed JSON: the meaning, not the text layout of whatever wrote the files.
+    generated = {name: json.loads(text) for name, text in jsonschema.generate().items()}
+    on_disk = {p.name: json.loads(p.read_text()) for p in jsonschema.SCHEMA_DIR.glob("*.json")}
     assert on_disk == generated, "run `streaminfer schemas export` and commit the result"
+
+
+def test_schema_descriptions_do_not_depend_on_how_msgspec_renders_docstrings() -> None:
+    # msgspec < 0.23 kept the docstring's indentation, 0.23 dedents it: both give one text.
+    indented = {"description": "Summary.\n\n    Detail.\n    More.", "x": [{"description": " a"}]}
+    dedented = {"description": "Summary.\n\nDetail.\nMore.", "x": [{"description": "a"}]}
+    assert jsonschema.normalise(indented) == jsonschema.normalise(dedented) == dedented
+
+
+def test_a_property_named_description_is_kept_as_a_schema() -> None:
+    node = {"properties": {"description": {"type": "string", "description": "  free text"}}}
+    assert jsonschema.normalise(node) == {
+        "properties": {"description": {"type": "string", "description": "free text"}}
+    }
 
 
 def test_every_message_has_a_schema_file() -> None:

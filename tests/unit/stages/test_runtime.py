@@ -4,8 +4,14 @@ import pytest
 
 from stages.dlq import dlq_output
 from stages.errors import SinkUnavailable
-from stages.records import BatchOutcome, Output, Record, Rejection, child_traceparent
-from stages.runtime import first_offsets, next_offsets, process_isolating
+from stages.records import BatchOutcome, Output, Record, Rejection, wire_size
+from stages.runtime import (
+    first_offsets,
+    next_offsets,
+    process_isolating,
+    process_within_limit,
+    read_messages,
+)
 from tests.helpers import record
 
 
@@ -90,9 +96,112 @@ def test_dlq_record_keeps_the_original_bytes_and_says_why() -> None:
     }
 
 
-def test_traceparent_keeps_the_trace_and_changes_the_span() -> None:
-    parent = b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
-    child = child_traceparent(parent).split(b"-")
-    assert child[1] == b"a" * 32
-    assert child[2] != b"b" * 16 and len(child[2]) == 16
-    assert len(child_traceparent(b"garbage").split(b"-")[1]) == 32
+def test_a_dead_letter_over_the_limit_keeps_its_headers_and_cuts_the_value() -> None:
+    original = Record(
+        topic="in",
+        partition=1,
+        offset=7,
+        key=b"k",
+        value=b"v" * 5000,
+        headers=(("traceparent", b"00-abc"),),
+    )
+    out = dlq_output(
+        Rejection(original, "too_large", "big"), stage="validate", dlq_topic="dlq", max_bytes=2000
+    )
+    headers = dict(out.headers)
+    assert wire_size(out) <= 2000
+    assert headers["traceparent"] == b"00-abc"
+    assert headers["dlq.truncated"] == b"5000"
+    assert headers["dlq.source.offset"] == b"7"
+    assert out.value == original.value[: len(out.value)] and len(out.value) > 1000
+
+
+def test_a_dead_letter_whose_headers_are_too_large_keeps_its_coordinates() -> None:
+    original = Record(
+        topic="in", partition=1, offset=7, key=b"k", value=b"v", headers=(("huge", b"h" * 5000),)
+    )
+    out = dlq_output(
+        Rejection(original, "malformed", "x"), stage="validate", dlq_topic="dlq", max_bytes=2000
+    )
+    headers = dict(out.headers)
+    assert wire_size(out) <= 2000
+    assert "huge" not in headers
+    assert headers["dlq.reason"] == b"malformed"
+    assert (headers["dlq.source.topic"], headers["dlq.source.offset"]) == (b"in", b"7")
+
+
+def test_a_dead_letter_under_the_limit_is_untouched() -> None:
+    original = record(b"v" * 100)
+    out = dlq_output(
+        Rejection(original, "malformed", "x"), stage="s", dlq_topic="d", max_bytes=2000
+    )
+    assert out.value == original.value
+    assert "dlq.truncated" not in dict(out.headers)
+
+
+class Big:
+    """Outputs ``size`` bytes for a record whose value is ``big``, else the value."""
+
+    name = "big"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def process(self, batch: Sequence[Record]) -> BatchOutcome:
+        return BatchOutcome(
+            outputs=[
+                Output("out", r.key, b"x" * self.size if r.value == b"big" else r.value, [])
+                for r in batch
+            ],
+            rejected=[],
+        )
+
+
+def test_only_the_record_with_an_oversized_output_is_dead_lettered() -> None:
+    batch = [record(b"a"), record(b"big", offset=1), record(b"c", offset=2)]
+    outcome = process_within_limit(Big(3000), batch, 2000)
+    assert [o.value for o in outcome.outputs] == [b"a", b"c"]
+    [rejection] = outcome.rejected
+    assert (rejection.reason, rejection.record.offset) == ("too_large", 1)
+    assert "exceeds the limit of 2000 bytes" in rejection.detail
+
+
+def test_outputs_within_the_limit_pass_as_they_are() -> None:
+    outcome = process_within_limit(Big(1000), [record(b"big")], 2000)
+    assert len(outcome.outputs) == 1 and outcome.rejected == []
+
+
+class Unreadable:
+    """A message whose headers confluent-kafka cannot decode (a name that is not UTF-8)."""
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 2
+
+    def offset(self) -> int:
+        return 9
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"raw"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        b"\xff".decode()  # raises UnicodeDecodeError, as confluent-kafka does
+        return []
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+def test_an_unreadable_message_becomes_a_malformed_rejection() -> None:
+    records, unreadable = read_messages([Unreadable()])  # type: ignore[list-item]
+    assert records == []
+    [rejection] = unreadable
+    assert rejection.reason == "malformed"
+    assert "UnicodeDecodeError" in rejection.detail
+    assert (rejection.record.partition, rejection.record.offset) == (2, 9)
+    assert (rejection.record.key, rejection.record.value) == (b"k", b"raw")

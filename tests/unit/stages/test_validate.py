@@ -2,9 +2,11 @@ import math
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from schemas import Codec, ValidatedRequestV1, tensor_from_array
-from stages.models import ModelRegistry
+from schemas.models import ModelCatalog
+from stages.metrics import PrometheusStageMetrics
 from stages.validate import ValidateStage
 from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout, record
 
@@ -13,9 +15,7 @@ NOW = 1_700_000_000.0
 
 @pytest.fixture(scope="module")
 def stage() -> ValidateStage:
-    return ValidateStage(
-        registry=ModelRegistry(root=MODELS), output_topic="validated", clock=lambda: NOW
-    )
+    return ValidateStage(catalog=ModelCatalog(MODELS), output_topic="validated", clock=lambda: NOW)
 
 
 def _row() -> np.ndarray:
@@ -37,7 +37,7 @@ def test_good_request_is_validated_with_version_resolved(stage: ValidateStage) -
 
 
 def _bad(**fields: object) -> bytes:
-    return REQUESTS.encode(digits_request(_row(), **fields))
+    return REQUESTS.encode(digits_request(_row(), **{"created_at": NOW - 1, **fields}))
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def _bad(**fields: object) -> bytes:
                 {
                     "id": "x",
                     "model": "digits",
-                    "created_at": 1.0,
+                    "created_at": NOW,
                     "inputs": {"input": {"dtype": "float32", "shape": [64], "data": b"12"}},
                 }
             ),
@@ -99,7 +99,7 @@ def test_bad_requests_are_rejected_with_a_reason(
 
 
 def test_bad_records_do_not_affect_the_good_ones(stage: ValidateStage) -> None:
-    good = [REQUESTS.encode(digits_request(x)) for x in holdout()[0][:5]]
+    good = [REQUESTS.encode(digits_request(x, created_at=NOW)) for x in holdout()[0][:5]]
     batch = [record(v, offset=i * 2) for i, v in enumerate(good)]
     batch += [record(b"junk", offset=i * 2 + 1) for i in range(5)]
     outcome = stage.process(batch)
@@ -110,3 +110,32 @@ def test_bad_records_do_not_affect_the_good_ones(stage: ValidateStage) -> None:
 def test_deadline_in_the_future_passes(stage: ValidateStage) -> None:
     outcome = stage.process([record(_bad(deadline=NOW + 5))])
     assert len(outcome.outputs) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        ({"created_at": math.nan}, "created_at must be finite"),
+        ({"created_at": NOW * 1000}, "is more than a year from now"),
+        ({"deadline": math.inf}, "deadline must be finite"),
+    ],
+)
+def test_absurd_times_are_malformed(stage: ValidateStage, fields: dict, detail: str) -> None:
+    [rejection] = stage.process([record(_bad(**fields))]).rejected
+    assert (rejection.reason, detail in rejection.detail) == ("malformed", True), rejection
+
+
+def test_a_record_nested_too_deeply_is_malformed(stage: ValidateStage) -> None:
+    deep = b"\x84\xa2id\xa1x\xa5model\xa6digits\xaacreated_at\xcb" + b"\x00" * 8
+    deep += b"\xa6inputs" + b"\x81\xa1a" * 3000 + b"\xc0"
+    [rejection] = stage.process([record(deep), record(_bad())]).rejected
+    assert rejection.reason == "malformed"
+
+
+def test_a_nan_latency_never_reaches_the_end_to_end_histogram() -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusStageMetrics(stage="persist", registry=registry)
+    metrics.end_to_end(math.nan)
+    metrics.end_to_end(0.5)
+    labels = {"stage": "persist"}
+    assert registry.get_sample_value("streaminfer_end_to_end_latency_seconds_sum", labels) == 0.5
