@@ -22,7 +22,7 @@ stored MessagePack ``ResultV1`` bytes as they are when the client sends
 # definition time, and the predict timeout's bound comes from the config in scope.
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
@@ -39,10 +39,13 @@ from ingest.service import IngestService
 from ingest.waiters import DeadLettered, Stored
 
 log = logging.getLogger(__name__)
-PROBES = ("/healthz", "/readyz")
+PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")  # open without a key
 DOCS = ("/docs", "/docs/oauth2-redirect", "/openapi.json")
 _NO_KEY: dict[str, Any] = {"security": []}
 ServiceFactory = Callable[[IngestMetrics], IngestService]
+# Runs beside the service for the app's lifetime (entered after it started, left before it
+# closes): another door sharing the service, e.g. the gRPC server of ingest/oip_grpc.py.
+Companion = Callable[[FastAPI, IngestService], contextlib.AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,21 @@ class IngestApi(FastAPI):
         return self.openapi_schema
 
 
-def create_app(config: HttpConfig, *, service_factory: ServiceFactory) -> FastAPI:
+def create_app(
+    config: HttpConfig,
+    *,
+    service_factory: ServiceFactory,
+    companions: Sequence[Companion] = (),
+) -> FastAPI:
     """The ingest app. ``service_factory`` makes its service (Kafka and Redis clients) at
-    startup (lifespan), inside the worker process, handed the app's metrics."""
+    startup (lifespan), inside the worker process, handed the app's metrics; ``companions``
+    run beside it (see :data:`Companion`)."""
     registry = CollectorRegistry()
     app = IngestApi(
         title="streaminfer ingest",
         version="1",
         description="Send inference requests over HTTP; read results. See the README.",
-        lifespan=_lifespan(service_factory),
+        lifespan=_lifespan(service_factory, companions),
     )
     metrics = PrometheusIngestMetrics(registry=registry, queue_depth=lambda: _queue_depth(app))
     app.state.metrics = metrics
@@ -101,14 +110,17 @@ def create_app(config: HttpConfig, *, service_factory: ServiceFactory) -> FastAP
     return app
 
 
-def _lifespan(service_factory: ServiceFactory) -> Any:
+def _lifespan(service_factory: ServiceFactory, companions: Sequence[Companion]) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = service_factory(app.state.metrics)
         await service.start()
         app.state.service = service
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for companion in companions:
+                    await stack.enter_async_context(companion(app, service))
+                yield
         finally:
             await service.close()
 

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from ingest.payloads import Submission
 from kafkaio.produce import produce_request
+from stages.tracing import RequestTracer
 
 log = logging.getLogger(__name__)
 QUEUE_FULL = "local producer queue full"  # Delivery.failed reason of records never queued
@@ -86,13 +87,23 @@ class AsyncProducer:
     """Produces request batches and hands back a future of their :class:`Delivery`.
 
     ``queue_limit`` mirrors ``queue.buffering.max.messages``: a batch that would not fit is
-    refused whole (:class:`QueueFull`) before any record of it is queued.
+    refused whole (:class:`QueueFull`) before any record of it is queued. With a ``tracer``,
+    each record's trace starts here: a root span from produce to Kafka's acknowledgement,
+    whose context is the record's ``traceparent``.
     """
 
-    def __init__(self, *, producer: Producer, topic: str, queue_limit: int) -> None:
+    def __init__(
+        self,
+        *,
+        producer: Producer,
+        topic: str,
+        queue_limit: int,
+        tracer: RequestTracer | None = None,
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._queue_limit = queue_limit
+        self._tracer = tracer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
 
@@ -128,20 +139,29 @@ class AsyncProducer:
         self, submission: Submission, pending: _PendingBatch, tenant: bytes | None
     ) -> None:
         request_id = submission.request.id
+        span = self._tracer.start(request_id, topic=self._topic) if self._tracer else None
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if span is not None:
+                span.end(None if err is None else err.str())
             pending.report(request_id, err)
 
         # No waiting for room: send() turns a full queue into backpressure (429) itself.
-        produce_request(
-            self._producer,
-            self._topic,
-            value=submission.value,
-            key=submission.partition_key.encode(),
-            on_delivery=on_delivery,
-            tenant=tenant,
-            wait_for_room=False,
-        )
+        try:
+            produce_request(
+                self._producer,
+                self._topic,
+                value=submission.value,
+                key=submission.partition_key.encode(),
+                on_delivery=on_delivery,
+                tenant=tenant,
+                wait_for_room=False,
+                traceparent=span.traceparent if span is not None else None,
+            )
+        except Exception as exc:  # not queued (a full queue, a refused record): no ack to wait for
+            if span is not None:
+                span.end(f"not queued: {type(exc).__name__}")
+            raise
 
     def _poll(self) -> None:
         while not self._stop.is_set():

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 
-def serve(factory: str, *, host: str, port: int, workers: int) -> int:
+def serve(
+    factory: str,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    log_config: dict[str, Any] | None = None,
+) -> int:
     """Serve the app ``factory`` (an import string ``module:function`` returning the app)
     until SIGTERM/SIGINT; uvicorn drains open requests, then the app flushes Kafka.
 
@@ -21,5 +31,6 @@ def serve(factory: str, *, host: str, port: int, workers: int) -> int:
         port=port,
         access_log=False,
         proxy_headers=False,
+        log_config=LOGGING_CONFIG if log_config is None else log_config,
     )
     return 0

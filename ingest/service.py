@@ -29,6 +29,7 @@ from ingest.metrics import IngestMetrics
 from ingest.payloads import RequestDecoder, Submission
 from ingest.waiters import DeadLettered, Outcome, ResultWaiters, Stored
 from schemas.keys import ResultKeys
+from stages.tracing import RequestTracer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class IngestService:
         redis_client: aioredis.Redis,
         dlq_consumer: Callable[[], Consumer],
         metrics: IngestMetrics,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.decoder = decoder
         self.metrics = metrics
@@ -86,7 +88,10 @@ class IngestService:
         self._redis = redis_client
         self._dlq_consumer = dlq_consumer
         self.producer = AsyncProducer(
-            producer=kafka, topic=config.requests_topic, queue_limit=config.queue_max_records
+            producer=kafka,
+            topic=config.requests_topic,
+            queue_limit=config.queue_max_records,
+            tracer=tracer,
         )
         self.waiters = ResultWaiters(
             client=redis_client, keys=config.keys, confirm_timeout_s=config.probe_timeout_s

@@ -74,13 +74,14 @@ def is_too_large(error: object) -> bool:
     return isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
-def request_headers(*, tenant: bytes | None = None) -> HeaderList:
-    """The headers of a new request record: content-type, schema, a fresh traceparent, and
-    the tenant when one is given (set by ingest from the API key)."""
+def request_headers(*, tenant: bytes | None = None, traceparent: bytes | None = None) -> HeaderList:
+    """The headers of a new request record: content-type, schema, a traceparent (a fresh
+    trace unless the caller started one: ingest's root span when tracing is on), and the
+    tenant when one is given (set by ingest from the API key)."""
     headers: HeaderList = [
         (Headers.CONTENT_TYPE, Headers.MSGPACK),
         (Headers.SCHEMA, REQUEST_SCHEMA),
-        (Headers.TRACEPARENT, new_traceparent()),
+        (Headers.TRACEPARENT, traceparent or new_traceparent()),
     ]
     if tenant is not None:
         headers.append((Headers.TENANT, tenant))
@@ -96,13 +97,14 @@ def produce_request(
     on_delivery: DeliveryCallback | None,
     tenant: bytes | None = None,
     wait_for_room: bool = True,
+    traceparent: bytes | None = None,
 ) -> None:
     """Produce one encoded ``RequestV1`` with the request headers.
 
     ``wait_for_room=False`` lets ``BufferError`` through: a caller that must not block
     (the HTTP API's event loop) turns a full queue into backpressure itself.
     """
-    headers = request_headers(tenant=tenant)
+    headers = request_headers(tenant=tenant, traceparent=traceparent)
     if wait_for_room:
         produce_waiting(
             producer, topic, value=value, key=key, headers=headers, on_delivery=on_delivery

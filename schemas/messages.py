@@ -16,6 +16,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas.control import ModelState
+
 NonEmptyId = Annotated[str, Meta(min_length=1, max_length=256)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
 DType = Literal["float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "bool"]
@@ -49,16 +51,24 @@ class RequestV1(Struct, frozen=True, kw_only=True):
 
 
 class ValidatedRequestV1(Struct, frozen=True, kw_only=True):
-    """A request that passed validation: model version resolved, inputs match the signature."""
+    """A request that passed validation: its inputs match the model's signature.
+
+    ``model_version`` is the version the request named, or ``None`` when it named none: the
+    infer stage then routes it at batch time (the control plane's weighted split, sticky per
+    record key), so a routing change applies to requests already validated.
+    ``timings`` carries what validate measured (e.g. a parse processor's seconds) on to the
+    result's ``timings``.
+    """
 
     id: NonEmptyId
     model: ModelName
-    model_version: str
     inputs: dict[str, Tensor]
     created_at: float
     validated_at: float
+    model_version: str | None = None
     deadline: float | None = None
     attributes: dict[str, str] = msgspec.field(default_factory=dict)
+    timings: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class ResultV1(Struct, frozen=True, kw_only=True):
@@ -98,4 +108,5 @@ SCHEMA_NAMES: Final[dict[type[Struct], str]] = {
     ValidatedRequestV1: "inference.validated/1",
     ResultV1: "inference.result/1",
     StoredV1: "inference.stored/1",
+    ModelState: "inference.model-state/1",
 }

@@ -12,20 +12,43 @@ from schemas.messages import DType, Tensor
 
 _DTYPES: Final[frozenset[str]] = frozenset(get_args(DType))
 
+MAX_DIMS: Final = 32
+"""The most dimensions a wire tensor may have: numpy 1's limit (numpy 2 allows 64); no model
+takes more than a handful."""
+# The most bytes numpy can address in one array (its intp); a shape beyond it cannot be
+# reshaped even with no elements (``[0, 2**62]``), so whoever reads the tensor would fail.
+_MAX_ADDRESSABLE_BYTES: Final = 2**63 - 1
+
 
 class TensorError(ValueError):
     """The tensor's buffer does not match its dtype and shape."""
 
 
-def tensor_to_array(tensor: Tensor) -> npt.NDArray[np.generic]:
-    """A read-only numpy view of the tensor's buffer (``np.frombuffer``, no copy)."""
-    dtype = np.dtype(tensor.dtype).newbyteorder("<")
-    expected = math.prod(tensor.shape) * dtype.itemsize
+def check_tensor(tensor: Tensor) -> None:
+    """Raise :class:`TensorError` unless ``tensor`` can be read as an array: at most
+    :data:`MAX_DIMS` non-negative dimensions that numpy can address, and a buffer of exactly
+    ``dtype`` x ``shape`` bytes. Cheap (Python ints, no overflow, no numpy array built)."""
+    shape = tensor.shape
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    if any(d < 0 for d in shape):
+        raise TensorError(f"shape {shape} has a negative dimension")
+    itemsize = np.dtype(tensor.dtype).itemsize
+    if math.prod(d for d in shape if d) * itemsize > _MAX_ADDRESSABLE_BYTES:
+        raise TensorError(f"shape {shape} of {tensor.dtype} is too large to address")
+    expected = math.prod(shape) * itemsize
     if len(tensor.data) != expected:
         raise TensorError(
-            f"data has {len(tensor.data)} bytes, but shape {tensor.shape} of {tensor.dtype} "
+            f"data has {len(tensor.data)} bytes, but shape {shape} of {tensor.dtype} "
             f"needs {expected}"
         )
+
+
+def tensor_to_array(tensor: Tensor) -> npt.NDArray[np.generic]:
+    """A read-only numpy view of the tensor's buffer (``np.frombuffer``, no copy); raises
+    :class:`TensorError` for what :func:`check_tensor` refuses."""
+    check_tensor(tensor)
+    dtype = np.dtype(tensor.dtype).newbyteorder("<")
     return np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
 
 

@@ -35,6 +35,22 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}inference.dlq"
 
+    @property
+    def models(self) -> str:
+        """The control plane: each model's desired state (compacted, key = model name)."""
+        return f"{self.prefix}inference.models"
+
+    @property
+    def shadow(self) -> str:
+        """A shadow version's results (same ids as the primary's); never stored in Redis."""
+        return f"{self.prefix}inference.shadow"
+
+    @property
+    def stats(self) -> str:
+        """Closed monitoring windows (``streaminfer monitor``; compacted, key =
+        ``<model>/<version>/<window>``): the latest window of each size per model version."""
+        return f"{self.prefix}inference.stats"
+
     def all(self) -> list[str]:
         return [
             self.requests,
@@ -43,4 +59,13 @@ class Topics:
             self.results,
             self.stored,
             self.dlq,
+            self.models,
+            self.shadow,
+            self.stats,
         ]
+
+    def compacted(self) -> list[str]:
+        """Topics that keep the latest record per key (``cleanup.policy=compact``) and have
+        one partition: the whole history of a key stays in order, and a reader catches up
+        by reading one partition to its end."""
+        return [self.models, self.stats]

@@ -20,7 +20,7 @@ does not match shape, times not finite or absurd), ``unknown_model`` (model or v
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -75,18 +75,23 @@ class Validated:
     request: RequestV1
     spec: ModelSpec
     version: str
+    timings: Mapping[str, float] | None = None  # parse processors' seconds (stages.plugins)
 
     def message(self, *, validated_at: float) -> ValidatedRequestV1:
+        """The validated request. Its ``model_version`` is the one the request named, or
+        None: a request that names no version is routed by the infer stage at batch time
+        (``version`` is then the default version, for callers that need one now)."""
         request = self.request
         return ValidatedRequestV1(
             id=request.id,
             model=request.model,
-            model_version=self.version,
+            model_version=request.model_version,
             inputs=request.inputs,
             created_at=request.created_at,
             validated_at=validated_at,
             deadline=request.deadline,
             attributes=request.attributes,
+            timings=dict(self.timings or {}),
         )
 
 
@@ -103,9 +108,13 @@ def decode_request(value: bytes) -> RequestV1 | Invalid:
 def validate_request(
     request: RequestV1, catalog: ModelCatalog, *, now: float
 ) -> Validated | Invalid:
-    """Everything the validate stage checks, exactly, for one request."""
+    """Everything the validate stage checks, exactly, for one request. The inputs of a model
+    with parse processors are the processors' to read (e.g. features by name): the validate
+    stage checks the tensors they build, so they are not checked here."""
     checked = check_envelope(request, catalog, now=now)
     if isinstance(checked, Invalid):
+        return checked
+    if checked.spec.processors.parses_inputs:
         return checked
     return check_inputs(checked.spec, request.inputs) or checked
 

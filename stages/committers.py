@@ -35,6 +35,7 @@ from kafkaio.produce import QueueStuck, RecordTooLarge, is_too_large, produce_wa
 from stages.errors import DeliveryFailed, OutputTooLarge, TransactionAborted
 from stages.metrics import NullMetrics, StageMetrics
 from stages.records import HeaderList, Output, wire_size
+from stages.tracing import NO_TRACING, StageTracer
 
 log = logging.getLogger(__name__)
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
@@ -142,11 +143,17 @@ class AtLeastOnceCommitter:
     """Produce, wait for every delivery report, then commit offsets synchronously."""
 
     def __init__(
-        self, *, producer: Producer, consumer: Consumer, delivery_timeout_s: float
+        self,
+        *,
+        producer: Producer,
+        consumer: Consumer,
+        delivery_timeout_s: float,
+        tracer: StageTracer = NO_TRACING,
     ) -> None:
         self._producer = producer
         self._consumer = consumer
         self._delivery_timeout_s = delivery_timeout_s
+        self._tracer = tracer
 
     def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
         failures: list[str] = []
@@ -168,7 +175,8 @@ class AtLeastOnceCommitter:
             raise DeliveryFailed(f"{len(failures) + remaining} outputs not delivered: {detail}")
         if offsets:
             try:
-                self._consumer.commit(offsets=list(offsets), asynchronous=False)
+                with self._tracer.step("commit"):
+                    self._consumer.commit(offsets=list(offsets), asynchronous=False)
             except KafkaException as exc:
                 # e.g. ILLEGAL_GENERATION mid-rebalance. The outputs are delivered, so nothing
                 # is lost: whoever owns the partition next replays from the last commit.
@@ -199,8 +207,10 @@ class TransactionalCommitter:
         max_interval_s: float,
         timeout_s: float,
         metrics: StageMetrics | None = None,
+        tracer: StageTracer = NO_TRACING,
     ) -> None:
         self._factory = producer_factory
+        self._tracer = tracer
         self._metrics: StageMetrics = metrics or NullMetrics()
         self._consumer = consumer
         self._max_records = max_records
@@ -239,7 +249,7 @@ class TransactionalCommitter:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         started = time.monotonic()
         try:
-            with _watchdog(3 * self._timeout_s):
+            with self._tracer.step("commit"), _watchdog(3 * self._timeout_s):
                 if offsets:
                     metadata = self._consumer.consumer_group_metadata()
                     self._producer.send_offsets_to_transaction(offsets, metadata, self._timeout_s)

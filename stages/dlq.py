@@ -24,6 +24,10 @@ CLIENT_REASONS: Final = frozenset(
         "out_of_range",
         "expired",
         "too_large",
+        # The request's named features cannot make the model's inputs (a missing feature,
+        # a value that is not a number): the client's fault. A plugin failing in infer
+        # (preprocess_error, postprocess_error) is not, and counts against the budget.
+        "parse_error",
     }
 )
 # What counts against the budget at the first stage, where every client error is found.

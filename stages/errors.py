@@ -12,6 +12,9 @@ Reason = Literal[
     "out_of_range",
     "expired",
     "inference_error",
+    "parse_error",  # a validate processor could not build the inputs (stages.plugins)
+    "preprocess_error",
+    "postprocess_error",
     "stage_error",
     "too_large",
 ]

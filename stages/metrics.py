@@ -192,6 +192,12 @@ PREDICT_OUTCOMES = _m(
     "POST /v1/predict outcomes: ok, dead_lettered, timeout",
     "ingest",
 )
+PROCESSOR_SECONDS = _m(
+    "streaminfer_processor_seconds",
+    "histogram",
+    "model processor hook",
+    "Per batch of a model: one processor hook (parse in validate, preprocess/postprocess in infer)",
+)
 WORKER_EXITS = _m(
     "streaminfer_worker_exits",
     "counter",
@@ -222,6 +228,7 @@ METRICS: Final[tuple[MetricName, ...]] = (
     MODEL_RUNS,
     MODEL_QUEUE_SECONDS,
     MODEL_COMPUTE_SECONDS,
+    PROCESSOR_SECONDS,
     HTTP_REQUESTS,
     HTTP_SECONDS,
     HTTP_IN_FLIGHT,
@@ -314,6 +321,9 @@ class StageMetrics(Protocol):
     def model_run(
         self, *, model: str, version: str, requests: int, queue_s: float, compute_s: float
     ) -> None: ...
+    def processor_run(
+        self, *, model: str, processor: str, hook: str, rows: int, seconds: float
+    ) -> None: ...
     def redis_command(self, *, command: str, seconds: float, ok: bool) -> None: ...
 
 
@@ -355,6 +365,11 @@ class NullMetrics:
     ) -> None:
         pass
 
+    def processor_run(
+        self, *, model: str, processor: str, hook: str, rows: int, seconds: float
+    ) -> None:
+        pass
+
     def redis_command(self, *, command: str, seconds: float, ok: bool) -> None:
         pass
 
@@ -388,6 +403,7 @@ class PrometheusStageMetrics:
         self._model_runs = counter(MODEL_RUNS, registry)
         self._model_queue_s = histogram(MODEL_QUEUE_SECONDS, registry, FAST_BUCKETS)
         self._model_compute_s = histogram(MODEL_COMPUTE_SECONDS, registry, FAST_BUCKETS)
+        self._processor_s = histogram(PROCESSOR_SECONDS, registry, FAST_BUCKETS)
         self._paused.set(0)
         self._retries.inc(0)  # every series exists from the start: rate() works at once
         self._txn_aborts.inc(0)
@@ -440,6 +456,11 @@ class PrometheusStageMetrics:
         self._model_runs.labels(model, version).inc()
         self._model_queue_s.labels(model, version).observe(max(0.0, queue_s))
         self._model_compute_s.labels(model, version).observe(compute_s)
+
+    def processor_run(
+        self, *, model: str, processor: str, hook: str, rows: int, seconds: float
+    ) -> None:
+        self._processor_s.labels(model, processor, hook).observe(seconds)
 
     def redis_command(self, *, command: str, seconds: float, ok: bool) -> None:
         self._redis_s.labels(self._stage, command).observe(seconds)

@@ -7,6 +7,10 @@ only produced (and offsets committed) once Redis acknowledged. Redis errors are 
 includes Redis refusing writes for lack of memory (OOM): persist waits, counts it
 (``streaminfer_redis_oom_total``) and says what the operator should do.
 
+A record that is not a result, or a result that must not be stored (a tensor whose buffer
+does not match its dtype and shape, ``created_at`` not a finite time within a year of now),
+is dead-lettered as ``malformed``: nothing reads it back from Redis.
+
 Each result is stored under its record's tenant (the ``streaminfer.tenant`` header ingest set,
 else ``default_tenant``): ``result:<tenant>:<id>``, so tenants never share a key.
 """
@@ -22,6 +26,8 @@ import redis
 from schemas import Codec, DecodeError, Headers, ResultV1, StoredV1
 from schemas.keys import DEFAULT_TENANT, tenant_of
 from schemas.messages import SCHEMA_NAMES
+from schemas.tensors import TensorError, check_tensor
+from schemas.validation import check_times
 from sinks.redis_store import ResultStore
 from stages.errors import SinkUnavailable
 from stages.metrics import NullMetrics, StageMetrics
@@ -56,12 +62,11 @@ class PersistStage:
     def process(self, batch: Sequence[Record]) -> BatchOutcome:
         outcome = BatchOutcome.empty()
         accepted: list[tuple[Record, ResultV1, str]] = []
+        now = self._clock()
         for record in batch:
-            try:
-                result = self._results.decode(record.value)
-            except DecodeError as exc:
-                detail = f"not a valid inference.result/1: {exc}"
-                outcome.rejected.append(Rejection(record, "malformed", detail))
+            result = self._decode(record, now=now)
+            if isinstance(result, Rejection):
+                outcome.rejected.append(result)
                 continue
             tenant = tenant_of(record.header(Headers.TENANT), self._default_tenant)
             # The original bytes are stored: no re-encoding, and readers get what infer wrote.
@@ -73,6 +78,18 @@ class PersistStage:
             self._metrics.end_to_end(stored_at - result.created_at)
             outcome.outputs.append(self._notice(record, result, tenant, stored_at))
         return outcome
+
+    def _decode(self, record: Record, *, now: float) -> ResultV1 | Rejection:
+        """The result in ``record``, or a ``malformed`` rejection when it is none or is one
+        that must not be stored (see :func:`storable_problem`)."""
+        try:
+            result = self._results.decode(record.value)
+        except DecodeError as exc:
+            return Rejection(record, "malformed", f"not a valid inference.result/1: {exc}")
+        problem = storable_problem(result, now=now)
+        if problem is not None:
+            return Rejection(record, "malformed", f"inference.result/1 not stored: {problem}")
+        return result
 
     def _flush(self) -> None:
         started = time.perf_counter()
@@ -116,6 +133,23 @@ class PersistStage:
             value=self._notices.encode(notice),
             headers=output_headers(record, _SCHEMA),
         )
+
+
+def storable_problem(result: ResultV1, *, now: float) -> str | None:
+    """Why ``result`` must not be stored, or None. Decoding checks types only; a result
+    written straight to Kafka can still hold a tensor whose buffer does not match its shape
+    (every reader of the stored result would fail on it) or a ``created_at`` that is not a
+    finite, sane time (it would poison the end-to-end latency metric for good). A few
+    Python operations per record: the same checks validate applies to requests."""
+    times = check_times(result.created_at, None, now=now)
+    if times is not None:
+        return times.detail
+    for name, tensor in result.outputs.items():
+        try:
+            check_tensor(tensor)
+        except TensorError as exc:
+            return f"output {name!r}: {exc}"
+    return None
 
 
 def is_out_of_memory(exc: redis.RedisError) -> bool:

@@ -13,14 +13,15 @@ vectorise (the infer stage runs one ``session.run`` per model per batch). It sig
   exponential back-off; nothing is dead-lettered.
 
 Any other exception from ``process`` is a bug or a poison record the stage did not foresee.
-The runtime then replays the batch one record at a time, so the record that raises is
-dead-lettered (reason ``stage_error``) and every other record still flows. A
-:class:`DlqBudget` stops the stage when too many records fail that way.
+The runtime then replays the batch one record at a time (:mod:`stages.isolation`), so the
+record that raises is dead-lettered (reason ``stage_error``) and every other record still
+flows. A :class:`DlqBudget` stops the stage when too many records fail that way.
 
 No record stops a stage: a Kafka message that cannot even be read as a :class:`Record`
-(e.g. a header name that is not UTF-8) is dead-lettered as ``malformed``; an output larger
-than the producer's maximum is not produced: its record is dead-lettered as ``too_large``
-(and a dead letter that is itself too large is truncated, see :func:`stages.dlq.dlq_output`).
+(e.g. a header name that is not UTF-8, see :mod:`stages.consumed`) is dead-lettered as
+``malformed``; an output larger than the producer's maximum is not produced: its record is
+dead-lettered as ``too_large`` (and a dead letter that is itself too large is truncated, see
+:func:`stages.dlq.dlq_output`).
 
 Guarantee
 ---------
@@ -37,8 +38,8 @@ Pauses
 ------
 Partitions are paused for two reasons: the back-off after a transient failure
 (``backoff``, every assigned partition) and the live-first rule (``priority``, the backfill
-partitions; see :mod:`stages.priority`). :class:`Pauses` keeps who holds what: a partition
-is resumed only when no reason holds it any more.
+partitions; see :mod:`stages.priority`). :class:`~stages.pauses.Pauses` keeps who holds
+what: a partition is resumed only when no reason holds it any more.
 """
 
 from __future__ import annotations
@@ -48,17 +49,19 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Literal, Protocol
+from typing import Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
 
 from stages.committers import Committer
+from stages.consumed import first_offsets, next_offsets, read_messages
 from stages.dlq import DlqBudget, dlq_output
 from stages.errors import (
     DeliveryFailed,
@@ -66,9 +69,12 @@ from stages.errors import (
     SinkUnavailable,
     TransactionAborted,
 )
+from stages.isolation import process_within_limit
 from stages.metrics import AssignmentGauges, NullMetrics, StageMetrics
+from stages.pauses import Backoff, Partition, Pauses, topic_partitions
 from stages.priority import LiveLagReader, PriorityGate, Reading
-from stages.records import BatchOutcome, Output, Record, Rejection, wire_size
+from stages.records import BatchOutcome, Output, Record, Rejection
+from stages.tracing import NO_TRACING, BatchTrace, StageTracer
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +83,6 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.1
 # Below this, a size limit learned from the producer means a misconfiguration, not a record.
 _MIN_RECORD_BYTES = 1024
-
-Partition = tuple[str, int]
-PauseReason = Literal["backoff", "priority"]
 
 
 class Stage(Protocol):
@@ -93,166 +96,6 @@ class Stage(Protocol):
         ...
 
 
-def to_record(message: Message) -> Record:
-    """The :class:`Record` of a consumed message. Raises for messages that cannot be read:
-    confluent-kafka decodes header names as UTF-8 and raises when one is not."""
-    raw = message.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    return Record(
-        topic=message.topic() or "",
-        partition=message.partition() or 0,
-        offset=message.offset() or 0,
-        key=message.key(),
-        value=message.value() or b"",
-        headers=tuple((k, _header_bytes(v)) for k, v in pairs),
-        timestamp_ms=message.timestamp()[1],
-    )
-
-
-def _header_bytes(value: str | bytes | None) -> bytes:
-    if value is None:
-        return b""
-    return value.encode() if isinstance(value, str) else value
-
-
-def read_messages(messages: Iterable[Message]) -> tuple[list[Record], list[Rejection]]:
-    """Records of ``messages``, and a ``malformed`` rejection (without the unreadable
-    headers) for each message that :func:`to_record` cannot read."""
-    records: list[Record] = []
-    unreadable: list[Rejection] = []
-    for message in messages:
-        try:
-            records.append(to_record(message))
-        except Exception as exc:
-            bare = Record(
-                topic=message.topic() or "",
-                partition=message.partition() or 0,
-                offset=message.offset() or 0,
-                key=message.key(),
-                value=message.value() or b"",
-            )
-            detail = f"unreadable Kafka record (headers dropped): {type(exc).__name__}: {exc}"
-            unreadable.append(Rejection(bare, "malformed", detail))
-    return records, unreadable
-
-
-def next_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
-    """Per partition, the offset after the last record of ``batch`` (what to commit)."""
-    last: dict[Partition, int] = {}
-    for record in batch:
-        key = (record.topic, record.partition)
-        last[key] = max(last.get(key, -1), record.offset)
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-
-
-def first_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
-    """Per partition, the offset of the first record of ``batch`` (where to rewind)."""
-    first: dict[Partition, int] = {}
-    for record in batch:
-        key = (record.topic, record.partition)
-        first[key] = min(first.get(key, record.offset), record.offset)
-    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
-
-
-def process_isolating(stage: Stage, batch: Sequence[Record]) -> BatchOutcome:
-    """``stage.process(batch)``; if it raises anything but :class:`SinkUnavailable`, replay
-    the batch one record at a time so only the records that raise are dead-lettered."""
-    try:
-        return stage.process(batch)
-    except SinkUnavailable:
-        raise
-    except Exception:
-        log.exception("%s: batch of %d raised; isolating records", stage.name, len(batch))
-    outcome = BatchOutcome.empty()
-    for record in batch:
-        outcome.extend(_process_one(stage, record))
-    return outcome
-
-
-def _process_one(stage: Stage, record: Record) -> BatchOutcome:
-    try:
-        return stage.process([record])
-    except SinkUnavailable:
-        raise
-    except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-        return BatchOutcome(outputs=[], rejected=[Rejection(record, "stage_error", detail)])
-
-
-def process_within_limit(stage: Stage, batch: Sequence[Record], max_bytes: int) -> BatchOutcome:
-    """:func:`process_isolating`, then: if an output would exceed ``max_bytes``, replay the
-    batch one record at a time (outputs do not say which record they came from) and
-    dead-letter as ``too_large`` each record with an output over the limit."""
-    outcome = process_isolating(stage, batch)
-    if all(wire_size(o) <= max_bytes for o in outcome.outputs):
-        return outcome
-    log.warning("%s: an output exceeds %d bytes; isolating records", stage.name, max_bytes)
-    fitted = BatchOutcome.empty()
-    for record in batch:
-        alone = _process_one(stage, record)
-        sizes = [wire_size(o) for o in alone.outputs]
-        if sizes and max(sizes) > max_bytes:
-            detail = f"output of {max(sizes)} bytes exceeds the limit of {max_bytes} bytes"
-            alone = BatchOutcome(outputs=[], rejected=[Rejection(record, "too_large", detail)])
-        fitted.extend(alone)
-    return fitted
-
-
-class Backoff:
-    """Exponential back-off between ``initial_s`` and ``max_s``; reset on success."""
-
-    def __init__(self, *, initial_s: float = 0.1, max_s: float = 5.0) -> None:
-        self._initial_s = initial_s
-        self._max_s = max_s
-        self.current_s = 0.0
-
-    def next(self, at_least_s: float = 0.0) -> float:
-        self.current_s = min(max(self.current_s * 2, self._initial_s, at_least_s), self._max_s)
-        return self.current_s
-
-    def reset(self) -> None:
-        self.current_s = 0.0
-
-
-class Pauses:
-    """Who holds which partition paused. A partition is paused while any reason holds it
-    and resumed when the last one lets go, so no component resumes another's pause."""
-
-    def __init__(self, consumer: Consumer) -> None:
-        self._consumer = consumer
-        self._held: dict[PauseReason, set[Partition]] = {}
-
-    def hold(self, reason: PauseReason, partitions: Iterable[Partition]) -> None:
-        """``reason`` now holds exactly ``partitions`` (and lets go of any others)."""
-        before = self.paused()
-        self._held[reason] = set(partitions)
-        after = self.paused()
-        if after - before:
-            self._consumer.pause(_topic_partitions(after - before))
-        if before - after:
-            self._consumer.resume(_topic_partitions(before - after))
-
-    def release(self, reason: PauseReason) -> None:
-        self.hold(reason, ())
-
-    def held_by(self, reason: PauseReason) -> set[Partition]:
-        return set(self._held.get(reason, ()))
-
-    def paused(self) -> set[Partition]:
-        return set().union(*self._held.values())
-
-    def forget(self, partitions: Iterable[Partition]) -> None:
-        """No longer assigned: librdkafka forgets their pause too (a partition assigned
-        again starts fetching), so no reason holds them any more."""
-        gone = set(partitions)
-        for held in self._held.values():
-            held -= gone
-
-
-def _topic_partitions(partitions: Iterable[Partition]) -> list[TopicPartition]:
-    return [TopicPartition(t, p) for t, p in sorted(partitions)]
-
-
 class StageRunner:
     """Runs one stage as one consumer-group member. See the module docstring.
 
@@ -260,7 +103,8 @@ class StageRunner:
     gives it the latest downstream reading. ``running`` is entered for as long as
     :meth:`run` runs: whoever builds the runner starts and stops there what the runner
     needs alongside it (the downstream reading thread). ``max_record_bytes`` is the
-    producer's maximum record size; ``clock`` is monotonic seconds.
+    producer's maximum record size; ``clock`` is monotonic seconds. ``tracer`` records a
+    span per batch step (:mod:`stages.tracing`; default: none).
     """
 
     def __init__(
@@ -272,7 +116,7 @@ class StageRunner:
         input_topics: Sequence[str],
         dlq_topic: str,
         batch_size: int,
-        batch_timeout_s: float,
+        batch_timeout_s: float | Callable[[], float],
         max_record_bytes: int = 1_000_000,
         dlq_budget: DlqBudget | None = None,
         metrics: StageMetrics | None = None,
@@ -281,6 +125,7 @@ class StageRunner:
         downstream: Callable[[], Reading | None] = lambda: None,
         running: AbstractContextManager[object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracer: StageTracer = NO_TRACING,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -297,6 +142,7 @@ class StageRunner:
         self._downstream = downstream
         self._running = running or nullcontext()
         self._clock = clock
+        self._tracer = tracer
         self._pauses = Pauses(consumer)
         self._live_lag = LiveLagReader(consumer)
         self._gauges = AssignmentGauges(consumer, self._metrics)
@@ -329,6 +175,7 @@ class StageRunner:
     def run_once(self) -> int:
         """Consume, process and publish one batch; returns the number of records consumed."""
         self._resume_if_due()
+        consume_started_ns = time.time_ns()
         messages = [m for m in self._consume() if self._usable(m)]
         if self._rewind_due:  # discarded since the last commit: replay from committed offsets
             self._rewind_to_committed()
@@ -341,8 +188,9 @@ class StageRunner:
             return 0
         started = self._clock()
         try:
-            with self._rewind_on_abort():
-                self._handle(records, unreadable)
+            trace = self._tracer.batch(records, consume_started_ns=consume_started_ns)
+            with self._rewind_on_abort(), trace:
+                self._handle(records, unreadable, trace)
         except (SinkUnavailable, DeliveryFailed) as exc:
             self._retry_later([*records, *(r.record for r in unreadable)], exc)
         else:
@@ -351,15 +199,20 @@ class StageRunner:
                 self._metrics.batch(size=len(messages), seconds=self._clock() - started)
         return len(messages)
 
-    def _handle(self, records: list[Record], unreadable: list[Rejection]) -> None:
+    def _handle(
+        self, records: list[Record], unreadable: list[Rejection], trace: BatchTrace
+    ) -> None:
         outcome = BatchOutcome(outputs=[], rejected=list(unreadable))
         if records:
-            outcome.extend(process_within_limit(self._stage, records, self._max_bytes))
+            with trace.step("transform"):
+                outcome.extend(process_within_limit(self._stage, records, self._max_bytes))
         if self._budget is not None:
             self._budget.observe(len(records) + len(unreadable), outcome.rejected)
         dead = [self._dead_letter(r) for r in outcome.rejected]
         offsets = next_offsets([*records, *(r.record for r in unreadable)])
-        self._committer.publish(outcome.outputs + dead, offsets)
+        trace.outcome(outcome)  # before producing: outputs name their record's span
+        with trace.step("produce"):
+            self._committer.publish(outcome.outputs + dead, offsets)
         self._metrics.records_out(len(outcome.outputs))
         for rejection in outcome.rejected:
             self._metrics.dead_lettered(rejection.reason)
@@ -382,9 +235,11 @@ class StageRunner:
             return []
         if self._batch_size == 1:
             return [first]
-        rest = self._consumer.consume(
-            num_messages=self._batch_size - 1, timeout=self._batch_timeout_s
-        )
+        # A callable: the infer stage's per-model max_queue_delay, which the control plane
+        # may change while the worker runs.
+        wait = self._batch_timeout_s
+        timeout = wait() if callable(wait) else wait
+        rest = self._consumer.consume(num_messages=self._batch_size - 1, timeout=timeout)
         return [first, *rest]
 
     def _idle_wait_s(self) -> float:
@@ -463,7 +318,7 @@ class StageRunner:
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition back to its committed offset."""
         self._rewind_due = False
-        assigned = _topic_partitions(self.assigned)
+        assigned = topic_partitions(self.assigned)
         if not assigned:
             return
         committed = self._consumer.committed(assigned, timeout=30)
@@ -484,7 +339,9 @@ class StageRunner:
         err = message.error()
         if err is None:
             return True
-        if err.fatal():
+        # A static member fenced by another with its group.instance.id reports _FATAL with
+        # fatal() False; logging it would leave a live process that consumes nothing.
+        if err.fatal() or err.code() == KafkaError._FATAL:
             raise RuntimeError(f"{self._stage.name}: fatal consumer error: {err}")
         log.warning("%s: consumer error: %s", self._stage.name, err)
         return False

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 
 from backfill.cli import add_parsers as add_backfill_parsers
+from streaminfer.logs import configure as configure_logging
+from streaminfer.models_cli import add_parsers as add_models_parsers
 from streaminfer.settings import Settings
 from streaminfer.wiring import STAGE_NAMES
 
@@ -32,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus-port", type=int, default=9190, help="with --monitoring (default 9190)"
     )
     sub.add_parser("down", help="stop the local stack")
-    sub.add_parser("status", help="what is running")
+    status = sub.add_parser(
+        "status", help="one screen: groups, lag, rates, dead letters, models, health"
+    )
+    status.add_argument("--watch", action="store_true", help="keep refreshing (Ctrl-C quits)")
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between the rate samples (2)"
+    )
+    status.add_argument(
+        "--plain", action="store_true", help="only the local processes, one line each"
+    )
 
     topics = sub.add_parser("topics", help="manage topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
@@ -68,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    models_sub.add_parser("list", help="models, versions and input signatures")
+    add_models_parsers(models_sub)  # streaminfer/models_cli.py
     _add_client_parsers(sub)
+    _add_monitor_parser(sub)
     add_backfill_parsers(sub)  # backfill, replay, export (backfill/cli.py)
     # Every argument after `bench` goes to `python -m bench` unparsed (main, _cmd_bench).
     sub.add_parser(
@@ -86,6 +98,13 @@ def _add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ingest.add_argument("--host", default=None, help="default STREAMINFER_INGEST_HOST")
     ingest.add_argument("--port", type=int, default=None, help="default STREAMINFER_INGEST_PORT")
     ingest.add_argument("--workers", type=int, default=None, help="uvicorn worker processes")
+    ingest.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the Open Inference Protocol over gRPC on this port "
+        "(default STREAMINFER_INGEST_GRPC_PORT; unset: HTTP only)",
+    )
     produce = sub.add_parser("produce", help="send JSON-lines requests to inference.requests")
     produce.add_argument("source", metavar="FILE|-", help="JSON lines file, or - for stdin")
     results = sub.add_parser("results", help="print inference.results as JSON lines")
@@ -95,15 +114,27 @@ def _add_client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
 
 
+def _add_monitor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Every argument after `monitor` goes to `python -m monitor` unparsed (main, _cmd_monitor).
+    sub.add_parser(
+        "monitor",
+        add_help=False,
+        help="windowed stats and label drift per model version (faust-streaming, its own "
+        "virtualenv): inference.stats and Prometheus gauges; `monitor --help` for options",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return _cmd_bench(extra)
+    if args.command == "monitor":
+        return _cmd_monitor(Settings(), extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format)  # STREAMINFER_LOG_FORMAT=json: JSON lines
     handler = _HANDLERS[args.command]
     return handler(settings, args)
 
@@ -130,12 +161,16 @@ def _cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(settings: Settings, _args: argparse.Namespace) -> int:
+def _cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from streaminfer import stack
 
-    for line in stack.status(settings):
-        print(line)
-    return 0
+    if args.plain:
+        for line in stack.status(settings):
+            print(line)
+        return 0
+    from streaminfer.status import show
+
+    return show(settings, watch=args.watch, interval_s=args.interval)
 
 
 def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
@@ -185,16 +220,10 @@ def _cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(settings: Settings, _args: argparse.Namespace) -> int:
-    from streaminfer.wiring import model_catalog
+def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from streaminfer.models_cli import run
 
-    catalog = model_catalog(settings)
-    for name in catalog.names():
-        spec = catalog.spec(name)
-        inputs = ", ".join(f"{i.name}: {i.dtype}{list(i.shape)}" for i in spec.inputs)
-        versions = ", ".join(sorted(spec.versions))
-        print(f"{name}  versions [{versions}] default {spec.default_version}  inputs {inputs}")
-    return 0
+    return run(settings, args)
 
 
 def _cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
@@ -213,6 +242,42 @@ def _cmd_results(settings: Settings, args: argparse.Namespace) -> int:
     from streaminfer.clients import print_results
 
     return print_results(settings, follow=args.follow, from_beginning=args.from_beginning)
+
+
+def _cmd_monitor(settings: Settings, monitor_args: Sequence[str]) -> int:
+    """``monitor/`` runs in a virtualenv of its own (faust-streaming pins click<8.4, the product
+    locks click 8.5) in ``<home>/monitor-venv``, created on first use by ``monitor/setup.sh``
+    (a no-op when up to date): this process becomes
+    ``<venv>/bin/python -m monitor`` in the checkout (exec, so signals reach the monitor), with
+    the settings as arguments. Never imported, like ``bench/``."""
+    from streaminfer.settings import REPO_ROOT
+
+    setup = REPO_ROOT / "monitor" / "setup.sh"
+    if not setup.is_file():
+        print(
+            "streaminfer monitor: the monitor lives in monitor/ of a source checkout and is not "
+            "installed with the package",
+            file=sys.stderr,
+        )
+        return 2
+    venv = settings.home / "monitor-venv"
+    subprocess.run(["bash", str(setup), str(venv)], check=True, stdout=sys.stderr)
+    python = str(venv / "bin" / "python")
+    argv = [python, "-m", "monitor", *_monitor_settings(settings), *monitor_args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(REPO_ROOT)
+    os.execv(python, argv)
+
+
+def _monitor_settings(settings: Settings) -> list[str]:
+    return [
+        f"--bootstrap-servers={settings.kafka.bootstrap_servers}",
+        f"--topic-prefix={settings.kafka.topic_prefix}",
+        f"--models-dir={settings.stage.models_dir.resolve()}",
+        f"--data-dir={(settings.run_dir / 'monitor').resolve()}",
+        f"--replication-factor={settings.kafka.topic_replication_factor}",
+    ]
 
 
 def _cmd_bench(bench_args: Sequence[str]) -> int:

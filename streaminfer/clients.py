@@ -13,6 +13,7 @@ come until Ctrl-C, and ``--from-beginning`` makes ``--follow`` start with the ol
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -36,13 +37,27 @@ from streaminfer.wiring import model_catalog
 def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
     from ingest.server import serve
     from streaminfer.ingest_app import FACTORY
+    from streaminfer.logs import uvicorn_log_config
     from streaminfer.monitoring import share_ingest_metrics
 
     port = settings.ingest.port if args.port is None else args.port
     workers = args.workers or settings.ingest.workers
     share_ingest_metrics(settings, port=port, workers=workers)
+    # The app factory runs in each worker and reads the environment: the gRPC door (and the
+    # host it shares with HTTP) travel that way. With workers > 1 every worker binds the gRPC
+    # port (gRPC sets SO_REUSEPORT) and the kernel spreads the connections.
+    if args.grpc_port is not None:
+        os.environ.update({"STREAMINFER_INGEST_GRPC_PORT": str(args.grpc_port)})
+    if args.host:
+        os.environ.update({"STREAMINFER_INGEST_HOST": args.host})
     # The factory reads the same environment (and .env) as ``settings`` came from.
-    return serve(FACTORY, host=args.host or settings.ingest.host, port=port, workers=workers)
+    return serve(
+        FACTORY,
+        host=args.host or settings.ingest.host,
+        port=port,
+        workers=workers,
+        log_config=uvicorn_log_config(settings.log_format),  # None: uvicorn's own
+    )
 
 
 class Progress:

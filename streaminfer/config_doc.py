@@ -26,10 +26,6 @@ OPS_VARIABLES: dict[str, tuple[str, str]] = {
     "STREAMINFER_KAFKA_CONTROLLER_PORT": ("`9093`", "KRaft controller port of the local broker"),
     "STREAMINFER_KAFKA_HEAP_OPTS": ("`-Xmx512m -Xms512m`", "JVM heap of the local broker"),
     "STREAMINFER_KAFKA_START_TIMEOUT": ("`60`", "seconds ops/kafka/kafka.sh waits for the broker"),
-    "STREAMINFER_KAFKA_CLUSTER_PORT": (
-        "`19092`",
-        "client port of node 1 of the three-broker cluster (ops/kafka/cluster.sh); node N: +N-1",
-    ),
     "STREAMINFER_KAFKA_CLUSTER_CONTROLLER_PORT": (
         "`19192`",
         "controller port of node 1 of that cluster; node N: +N-1",

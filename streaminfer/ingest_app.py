@@ -15,12 +15,15 @@ from ingest.app import HttpConfig
 from ingest.app import create_app as create_http_app
 from ingest.dlq_watcher import DlqWatcher
 from ingest.metrics import IngestMetrics, multiprocess_registry
+from ingest.oip_grpc import GrpcConfig
+from ingest.oip_http import OipDoor
 from ingest.payloads import RequestDecoder
 from ingest.service import IngestService, ServiceConfig
 from schemas.keys import ResultKeys
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.monitoring import multiprocess_metrics_dir
 from streaminfer.settings import Settings
+from streaminfer.tracing import request_tracer
 from streaminfer.wiring import model_catalog
 
 FACTORY = "streaminfer.ingest_app:create_app"
@@ -29,10 +32,21 @@ FACTORY = "streaminfer.ingest_app:create_app"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ingest app for ``settings`` (default: read from the environment)."""
     settings = settings or Settings()
-    app = create_http_app(
-        http_config(settings), service_factory=lambda metrics: build_service(settings, metrics)
+    config = http_config(settings)
+    # The Open Inference Protocol (v2): HTTP routes on this app, gRPC beside it when asked.
+    oip = OipDoor(
+        config,
+        catalog=model_catalog(settings),
+        max_rows=settings.ingest.max_batch_records,
+        grpc=grpc_config(settings),
     )
-    shared = multiprocess_metrics_dir()
+    app = create_http_app(
+        config,
+        service_factory=lambda metrics: build_service(settings, metrics),
+        companions=[oip.companion],
+    )
+    oip.mount(app)
+    shared = multiprocess_metrics_dir(settings)
     if shared is not None:  # `ingest --workers N`: /metrics adds up every worker's values
         app.state.registry = multiprocess_registry(shared)
     return app
@@ -50,6 +64,21 @@ def http_config(settings: Settings) -> HttpConfig:
         default_tenant=default_tenant,
         api_keys=ingest.api_key_tenants(default_tenant),
         public_docs=ingest.public_docs,
+    )
+
+
+def grpc_config(settings: Settings) -> GrpcConfig | None:
+    """The gRPC door's config; None when ``ingest.grpc_port`` is unset."""
+    ingest = settings.ingest
+    if ingest.grpc_port is None:
+        return None
+    default_tenant = settings.kafka.default_tenant
+    return GrpcConfig(
+        host=ingest.host,
+        port=ingest.grpc_port,
+        default_tenant=default_tenant,
+        api_keys=ingest.api_key_tenants(default_tenant),
+        max_message_bytes=ingest.max_body_bytes,
     )
 
 
@@ -94,6 +123,7 @@ def build_service(settings: Settings, metrics: IngestMetrics) -> IngestService:
         redis_client=redis_client,
         dlq_consumer=lambda: dlq_consumer(settings),
         metrics=metrics,
+        tracer=request_tracer(settings.tracing),  # None unless OTEL_* asks for traces
     )
 
 

@@ -78,9 +78,13 @@ def create_topics(settings: Settings, *, partitions: int | None = None) -> dict[
     """Create the pipeline's topics; existing ones are left alone. Returns topic -> outcome."""
     admin = make_admin(settings)
     count = partitions or settings.kafka.topic_partitions
+    compacted = settings.topics.compacted()  # the control plane: one partition, compacted
     wanted = [
         NewTopic(
-            name, num_partitions=count, replication_factor=settings.kafka.topic_replication_factor
+            name,
+            num_partitions=1 if name in compacted else count,
+            replication_factor=settings.kafka.topic_replication_factor,
+            config={"cleanup.policy": "compact"} if name in compacted else {},
         )
         for name in settings.topics.all()
     ]

@@ -46,10 +46,13 @@ STAGE_PORT_STRIDE = 100  # ports per stage: worker slots 0..98, the supervisor o
 SUPERVISOR_OFFSET = 99
 STAGES = ("validate", "infer", "persist")  # the order fixes each stage's port range
 RULES = REPO_ROOT / "ops" / "prometheus" / "alerts.yml"
+MONITOR_RULES = REPO_ROOT / "ops" / "prometheus" / "monitor-rules.yml"  # drift
+MONITOR_TARGET = "127.0.0.1:9390"  # `streaminfer monitor`'s default /metrics
 # The scrape jobs; ops/prometheus/alerts.yml and ops/grafana/streaminfer.json use these names.
 JOB_STAGE = "streaminfer-stage"
 JOB_SUPERVISOR = "streaminfer-supervisor"
 JOB_INGEST = "streaminfer-ingest"
+JOB_MONITOR = "streaminfer-monitor"
 
 
 # --- ports and targets ------------------------------------------------------------------
@@ -134,7 +137,7 @@ def target_files(settings: Settings) -> TargetFiles:
 def prometheus_config(
     *,
     targets_dir: Path,
-    rule_files: Sequence[Path] = (RULES,),
+    rule_files: Sequence[Path] = (RULES, MONITOR_RULES),
     scrape_interval_s: float = 5.0,
 ) -> str:
     """A Prometheus configuration scraping every job from the ``file_sd`` files."""
@@ -150,7 +153,13 @@ def prometheus_config(
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [job(JOB_STAGE), job(JOB_SUPERVISOR), job(JOB_INGEST)],
+        "scrape_configs": [
+            job(JOB_STAGE),
+            job(JOB_SUPERVISOR),
+            job(JOB_INGEST),
+            # the monitor, when `streaminfer monitor` runs (down otherwise: no alert on it)
+            {"job_name": JOB_MONITOR, "static_configs": [{"targets": [MONITOR_TARGET]}]},
+        ],
     }
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -371,15 +380,16 @@ def share_ingest_metrics(settings: Settings, *, port: int, workers: int) -> Path
     directory = settings.run_dir / f"ingest-{port}-metrics"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    os.environ[MULTIPROC_ENV] = str(directory)
+    # Written, for the workers to inherit (they read it back as settings.ingest.metrics_dir).
+    os.environ.update({MULTIPROC_ENV: str(directory)})
     return directory
 
 
-def multiprocess_metrics_dir() -> str | None:
+def multiprocess_metrics_dir(settings: Settings) -> str | None:
     """In an ingest worker: the shared metrics directory, if :func:`share_ingest_metrics`
     set one up. The worker's gauges leave the ``livesum`` when it exits."""
-    directory = os.environ.get(MULTIPROC_ENV)
-    if not directory:
+    directory = settings.ingest.metrics_dir
+    if directory is None:
         return None
-    atexit.register(multiprocess.mark_process_dead, os.getpid(), directory)
-    return directory
+    atexit.register(multiprocess.mark_process_dead, os.getpid(), str(directory))
+    return str(directory)

@@ -49,6 +49,20 @@ class KafkaSettings(BaseSettings):
     port: int = Field(
         default=9092, ge=1, le=65535, description="port of the local broker (ops/kafka)"
     )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        validation_alias=_env("KAFKA_NODES", "STREAMINFER_KAFKA_NODES"),
+        description="local brokers `streaminfer up` starts: 1, or 3 for the three-broker "
+        "cluster (ops/kafka/cluster.sh); with more than 1 the default bootstrap servers are "
+        "the cluster's and the default replication factor is 3",
+    )
+    cluster_port: int = Field(
+        default=19092,
+        ge=1,
+        le=65535,
+        description="client port of node 1 of the local cluster (node N: + N - 1)",
+    )
     bootstrap_servers: str = Field(
         default="",
         validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS", "STREAMINFER_KAFKA_BOOTSTRAP_SERVERS"),
@@ -111,7 +125,15 @@ class KafkaSettings(BaseSettings):
     @model_validator(mode="after")
     def _local_broker(self) -> KafkaSettings:
         if not self.bootstrap_servers:
-            object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.port}")
+            ports = (
+                [self.cluster_port + n for n in range(self.nodes)]
+                if self.nodes > 1
+                else [self.port]
+            )
+            servers = ",".join(f"127.0.0.1:{port}" for port in ports)
+            object.__setattr__(self, "bootstrap_servers", servers)
+        if self.nodes > 1 and "topic_replication_factor" not in self.model_fields_set:
+            object.__setattr__(self, "topic_replication_factor", min(3, self.nodes))
         return self
 
     @property
@@ -196,8 +218,11 @@ class StageSettings(BaseSettings):
     )
     models_dir: Path = Field(
         default=REPO_ROOT / "models",
-        validation_alias=_env("STREAMINFER_STAGE_MODELS_DIR", "STREAMINFER_MODELS_DIR"),
-        description="the model repository (models/<name>/model.yaml)",
+        validation_alias=_env(
+            "STREAMINFER_STAGE_MODELS_DIR", "STREAMINFER_MODEL_REPOSITORY", "STREAMINFER_MODELS_DIR"
+        ),
+        description="the model repository (models/<name>/model.yaml, <name>/<version>/); "
+        "may be a directory outside the checkout",
     )
     onnx_intra_op_threads: int = Field(
         default=1,
@@ -284,6 +309,13 @@ class IngestSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
     port: int = Field(default=8000, ge=0, le=65535, description="port the HTTP API listens on")
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol gRPC door (`ingest --grpc-port`), "
+        "on the same host as the HTTP API; unset: HTTP only",
+    )
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
     max_body_bytes: int = Field(default=1 << 20, ge=1, description="413 above this")
     max_batch_records: int = Field(
@@ -315,6 +347,12 @@ class IngestSettings(BaseSettings):
         "off: only the message schema is checked, the validate stage dead-letters the rest",
     )
     probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz checks time out")
+    metrics_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("PROMETHEUS_MULTIPROC_DIR"),
+        description="prometheus-client's multiprocess directory: `ingest --workers N` sets it "
+        "for its workers (a fresh one under run_dir) so that /metrics adds up all of them",
+    )
     api_keys: SecretStr | None = Field(
         default=None,
         validation_alias=_env("STREAMINFER_INGEST_API_KEYS", "STREAMINFER_API_KEYS"),
@@ -398,6 +436,34 @@ class RedisSettings(BaseSettings):
         return "url" in self.model_fields_set
 
 
+class TracingSettings(BaseSettings):
+    """OpenTelemetry traces (streaminfer/tracing.py): the standard ``OTEL_*`` variables that
+    decide whether and where to export. The SDK reads the others itself (``OTEL_TRACES_SAMPLER``,
+    ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_RESOURCE_ATTRIBUTES``, ...)."""
+
+    model_config = _config("OTEL_")
+
+    sdk_disabled: bool = Field(default=False, description="`true`: no traces, whatever is set")
+    traces_exporter: str = Field(
+        default="",
+        description="`otlp`, `console` or `none` (comma-separated); traces are on when this "
+        "names an exporter or an OTLP endpoint is set",
+    )
+    exporter_otlp_endpoint: str = Field(
+        default="", description="OTLP base URL, e.g. http://127.0.0.1:4318 (HTTP: + /v1/traces)"
+    )
+    exporter_otlp_traces_endpoint: str = Field(
+        default="", description="OTLP traces URL, used as is (overrides the base URL)"
+    )
+    exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = Field(
+        default="http/protobuf",
+        description="`grpc` needs opentelemetry-exporter-otlp-proto-grpc installed",
+    )
+    service_name: str = Field(
+        default="", description="every span's service.name (default streaminfer-<stage|ingest>)"
+    )
+
+
 GROUPS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "stage": StageSettings,
@@ -405,6 +471,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "ingest": IngestSettings,
     "backfill": BackfillSettings,
     "redis": RedisSettings,
+    "tracing": TracingSettings,
 }
 
 
@@ -415,12 +482,18 @@ class Settings(BaseSettings):
 
     home: Path = Field(default=REPO_ROOT / ".cache", description="local stack state (jars, data)")
     run_dir: Path = Field(default=REPO_ROOT / ".run", description="pid files and stage logs")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per log line (time, level, logger, message, "
+        "stage, worker, trace_id)",
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     stage: StageSettings = Field(default_factory=StageSettings)
     priority: PrioritySettings = Field(default_factory=PrioritySettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @property
     def topics(self) -> Topics:

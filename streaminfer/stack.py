@@ -71,6 +71,8 @@ def _ops_env(settings: Settings) -> dict[str, str]:
         **os.environ,
         "STREAMINFER_HOME": str(settings.home),
         "STREAMINFER_KAFKA_PORT": str(settings.kafka.port),
+        "KAFKA_NODES": str(settings.kafka.nodes),
+        "STREAMINFER_KAFKA_CLUSTER_PORT": str(settings.kafka.cluster_port),
         "STREAMINFER_REDIS_PORT": str(settings.redis.port),
         "PYTHON": sys.executable,
     }

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
 from typing import Final, Literal
 
 import redis
@@ -12,16 +16,21 @@ from schemas.keys import ResultKeys
 from schemas.models import ModelCatalog
 from sinks.redis_store import ResultStore
 from stages.committers import AtLeastOnceCommitter, Committer, TransactionalCommitter
+from stages.control import ControlPlane, follow_new_versions
 from stages.dlq import DOWNSTREAM_REASONS, PIPELINE_REASONS, DlqBudget
+from stages.fleet import ModelFleet
 from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
 from stages.persist import PersistStage
+from stages.plugins import StageProcessors
 from stages.priority import DownstreamBacklog, PriorityGate
 from stages.runtime import Stage, StageRunner
+from stages.tracing import NO_TRACING, StageTracer
 from stages.validate import ValidateStage
 from streaminfer.kafka import make_consumer, make_producer, transactional_producer_config
 from streaminfer.settings import Settings
+from streaminfer.tracing import stage_tracer
 
 StageName = Literal["validate", "infer", "persist"]
 STAGE_NAMES: Final[tuple[StageName, ...]] = ("validate", "infer", "persist")
@@ -62,13 +71,46 @@ def result_store(settings: Settings) -> ResultStore:
     )
 
 
-def build_stage(settings: Settings, name: StageName, metrics: StageMetrics) -> Stage:
+def control_plane(settings: Settings) -> ControlPlane:
+    """A reader of the control plane: its own consumer, no group (it assigns, never joins)."""
+    group = f"{settings.kafka.topic_prefix}streaminfer.control.{uuid.uuid4().hex[:12]}"
+    return ControlPlane(
+        consumer_factory=lambda: make_consumer(settings, group_id=group),
+        topic=settings.topics.models,
+    )
+
+
+def model_fleet(settings: Settings) -> ModelFleet:
+    return ModelFleet(registry=model_registry(settings), control=control_plane(settings))
+
+
+def build_stage(
+    settings: Settings,
+    name: StageName,
+    metrics: StageMetrics,
+    *,
+    fleet: ModelFleet | None = None,
+    control: ControlPlane | None = None,
+) -> Stage:
+    """Stage ``name``; validate checks explicit versions against ``control``, infer serves
+    ``fleet`` (both follow the control plane while their runner runs)."""
     topics = settings.topics
     if name == "validate":
-        return ValidateStage(catalog=model_catalog(settings), output_topic=topics.validated)
+        catalog = model_catalog(settings)
+        if control is not None:
+            follow_new_versions(control, catalog)
+        return ValidateStage(
+            catalog=catalog,
+            output_topic=topics.validated,
+            loaded_versions=control.loaded_versions if control is not None else None,
+            processors=StageProcessors("validate", metrics=metrics),
+        )
     if name == "infer":
         return InferStage(
-            registry=model_registry(settings), output_topic=topics.results, metrics=metrics
+            fleet=fleet or ModelFleet(registry=model_registry(settings)),
+            output_topic=topics.results,
+            shadow_topic=topics.shadow,
+            metrics=metrics,
         )
     return PersistStage(
         store=result_store(settings),
@@ -93,6 +135,7 @@ def stage_metrics(settings: Settings, name: StageName, slot: int) -> StageMetric
 def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> StageRunner:
     """One consumer-group member of stage ``name``: its consumer, producer and stage."""
     metrics = stage_metrics(settings, name, slot)
+    tracer = stage_tracer(settings.tracing, name, worker=settings.transactional_id(name, slot))
     consumer = make_consumer(
         settings, group_id=settings.group_id(name), **static_member(settings, name, slot)
     )
@@ -100,14 +143,21 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
     backlog = None
     if gate is not None and settings.priority.max_downstream > 0:
         backlog = downstream_backlog(settings, interval_s=settings.priority.poll_interval_s)
+    fleet = model_fleet(settings) if name == "infer" else None
+    control = control_plane(settings) if name == "validate" else None
+    models = fleet.running() if fleet else control.running() if control else None
     return StageRunner(
-        stage=build_stage(settings, name, metrics),
+        stage=build_stage(settings, name, metrics, fleet=fleet, control=control),
         consumer=consumer,
-        committer=make_committer(settings, name, slot=slot, consumer=consumer, metrics=metrics),
+        committer=make_committer(
+            settings, name, slot=slot, consumer=consumer, metrics=metrics, tracer=tracer
+        ),
         input_topics=input_topics(settings, name),
         dlq_topic=settings.topics.dlq,
         batch_size=settings.stage.batch_max_records,
-        batch_timeout_s=settings.stage.batch_timeout_s,
+        batch_timeout_s=settings.stage.batch_timeout_s
+        if fleet is None
+        else partial(fleet.batch_timeout_s, settings.stage.batch_timeout_s),
         max_record_bytes=settings.kafka.message_max_bytes,
         dlq_budget=DlqBudget(
             stage=name,
@@ -121,8 +171,21 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
         priority=gate,
         # The downstream reading thread runs exactly as long as the runner.
         downstream=backlog.reading if backlog is not None else lambda: None,
-        running=backlog.running(lambda: gate.admitted) if backlog and gate else None,
+        running=all_running(
+            backlog.running(lambda: gate.admitted) if backlog and gate else None, models
+        ),
+        tracer=tracer,
     )
+
+
+@contextmanager
+def all_running(*contexts: AbstractContextManager[object] | None) -> Iterator[None]:
+    """Enter every context given (for as long as the runner runs), in order."""
+    with ExitStack() as stack:
+        for context in contexts:
+            if context is not None:
+                stack.enter_context(context)
+        yield
 
 
 def static_member(settings: Settings, name: StageName, slot: int) -> dict[str, str]:
@@ -173,6 +236,7 @@ def make_committer(
     slot: int,
     consumer: Consumer,
     metrics: StageMetrics | None = None,
+    tracer: StageTracer = NO_TRACING,
 ) -> Committer:
     """Transactions between Kafka stages in exactly-once mode. Persist is always
     at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent."""
@@ -187,9 +251,11 @@ def make_committer(
             max_interval_s=settings.stage.txn_max_interval_s,
             timeout_s=settings.kafka.delivery_timeout_s,
             metrics=metrics,
+            tracer=tracer,
         )
     return AtLeastOnceCommitter(
         producer=make_producer(settings),
         consumer=consumer,
         delivery_timeout_s=settings.kafka.delivery_timeout_s,
+        tracer=tracer,
     )

@@ -28,6 +28,7 @@ import threading
 from types import FrameType
 
 from streaminfer.kafka import partition_count
+from streaminfer.logs import configure as configure_logging
 from streaminfer.monitoring import worker_exit_metrics
 from streaminfer.settings import Settings
 from streaminfer.supervisor import RestartPolicy, Supervisor, die_with_parent
@@ -49,7 +50,7 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 def run_worker(settings: Settings, name: StageName, slot: int) -> None:
     """Body of one worker process (or of the CLI process when --workers 1)."""
-    _configure_logging(f"{name}[{slot}]")
+    configure_logging(settings.log_format, stage=name, worker=f"{name}[{slot}]")
     stop = threading.Event()
     install_stop_handlers(stop)
     build_runner(settings, name, slot=slot).run(stop)
@@ -70,7 +71,7 @@ def run_stage(settings: Settings, name: StageName, workers: int, *, supervise: b
     if workers == 1 and not supervise:
         run_worker(settings, name, 0)
         return 0
-    _configure_logging(f"{name}[supervisor]")
+    configure_logging(settings.log_format, stage=name, worker=f"{name}[supervisor]")
     stop = threading.Event()
     install_stop_handlers(stop)
     supervisor = Supervisor(
@@ -115,11 +116,3 @@ def warn_if_overprovisioned(settings: Settings, name: StageName, workers: int) -
             partitions,
             workers - partitions,
         )
-
-
-def _configure_logging(who: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s {who} %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )

@@ -1,7 +1,11 @@
 """Real Kafka and Redis for integration and fault tests.
 
-Session-wide: uses ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` when set, otherwise starts the
-local broker and Redis with the ``ops/`` scripts (and stops at the end what it started).
+Session-wide, each service from one of three backends (:func:`choose_backend`):
+``external`` when ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` is set (used as is);
+``testcontainers`` when a Docker engine answers (the apache/kafka KRaft image and redis,
+removed at the end); ``local`` otherwise: the local broker and Redis of the ``ops/`` scripts
+(reused when already up; what the fixture started it stops at the end).
+``STREAMINFER_TEST_BACKEND=local|testcontainers|external`` overrides the choice.
 Per test: uuid-named topics (via the topic prefix) and groups, so tests never share state.
 
 The one way tests start the pipeline is :meth:`StageProcesses.start_pipeline` (real
@@ -12,13 +16,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from functools import cache
 from pathlib import Path
+from typing import Final, Literal, get_args
 
 import pytest
 import redis
@@ -41,13 +49,122 @@ def _ensure(service: Service, settings: Settings) -> bool:
     return True
 
 
+Backend = Literal["local", "testcontainers", "external"]
+BACKEND_VARIABLE: Final = "STREAMINFER_TEST_BACKEND"
+# Images of docker-compose.yml: the same broker and Redis as a Docker user's stack.
+KAFKA_IMAGE: Final = "apache/kafka:4.1.1"
+REDIS_IMAGE: Final = "redis:7"
+# Each service, and the variable that points the settings at an existing one.
+SERVICE_VARIABLES: Final = ((KAFKA, "KAFKA_BOOTSTRAP_SERVERS"), (REDIS, "REDIS_URL"))
+
+
+def choose_backend(
+    environ: Mapping[str, str], variable: str, docker_answers: Callable[[], bool]
+) -> Backend:
+    """Where the tests get the service that ``variable`` (``KAFKA_BOOTSTRAP_SERVERS`` or
+    ``REDIS_URL``) points at: ``STREAMINFER_TEST_BACKEND`` when set; else ``external`` when
+    ``variable`` is set; else ``testcontainers`` when a Docker engine answers; else ``local``.
+    ``docker_answers`` is only asked when it decides."""
+    asked = environ.get(BACKEND_VARIABLE, "").strip().lower()
+    if asked:
+        forced = {b: b for b in get_args(Backend)}.get(asked)
+        if forced is None:
+            choices = ", ".join(get_args(Backend))
+            raise pytest.UsageError(f"{BACKEND_VARIABLE}={asked!r}: use one of {choices}")
+        if forced == "external" and not environ.get(variable):
+            raise pytest.UsageError(f"{BACKEND_VARIABLE}=external needs {variable}")
+        return forced
+    if environ.get(variable):
+        return "external"
+    return "testcontainers" if docker_answers() else "local"
+
+
+@cache
+def docker_answers(timeout_s: float = 2.0) -> bool:
+    """Whether a Docker engine answers a ping (``DOCKER_HOST`` or the local socket)."""
+    try:
+        import docker
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=int(max(1, timeout_s)))
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # no socket, no permission, no engine: no Docker
+        return False
+
+
+def kafka_environment(host_port: int) -> dict[str, str]:
+    """The apache/kafka image's settings for one KRaft node that clients on this host reach
+    at ``127.0.0.1:host_port`` (the container's 9092 is bound to that same port, so the
+    advertised address is right inside and out)."""
+    return {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": "PLAINTEXT://:9092,CONTROLLER://:9093",
+        "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://127.0.0.1:{host_port}",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _container(service: Service) -> Iterator[str]:
+    """Run ``service`` in a container for the session; yields the address settings take."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+    if service is KAFKA:
+        port = _free_port()
+        container = DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
+        for name, value in kafka_environment(port).items():
+            container.with_env(name, value)
+        container.waiting_for(LogMessageWaitStrategy("Kafka Server started"))
+        address = f"127.0.0.1:{port}"
+    else:
+        from testcontainers.community.redis import RedisContainer
+
+        container = RedisContainer(REDIS_IMAGE)
+        address = ""
+    with container:
+        if service is not KAFKA:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            address = f"redis://{host}:{port}/0"
+        yield address
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[None]:
-    settings = Settings()
-    started = [s for s in (KAFKA, REDIS) if _ensure(s, settings)]
-    yield
-    for service in started:
-        service.stop(settings)
+    with pytest.MonkeyPatch.context() as env, ExitStack() as containers:
+        for service, variable in SERVICE_VARIABLES:
+            backend = choose_backend(os.environ, variable, docker_answers)
+            if backend == "testcontainers":
+                # Through the environment, so stage subprocesses reach the container too.
+                env.setenv(variable, containers.enter_context(_container(service)))
+            elif backend == "local":
+                env.delenv(variable, raising=False)
+        settings = Settings()
+        started = [s for s in (KAFKA, REDIS) if _ensure(s, settings)]
+        yield
+        for service in started:
+            service.stop(settings)
 
 
 @pytest.fixture()

@@ -17,6 +17,7 @@ import yaml
 from stages.metrics import METRICS, markdown_table
 from streaminfer.monitoring import (
     JOB_INGEST,
+    JOB_MONITOR,
     JOB_STAGE,
     JOB_SUPERVISOR,
     TargetFiles,
@@ -64,7 +65,7 @@ def test_the_generated_local_config_is_valid(tmp_path: Path) -> None:
     config = tmp_path / "prometheus.yml"
     config.write_text(prometheus_config(targets_dir=targets.directory, scrape_interval_s=1))
     output = promtool("check", "config", str(config))
-    assert "SUCCESS: 1 rule files found" in output
+    assert "SUCCESS: 2 rule files found" in output
 
 
 def _alerts() -> list[str]:
@@ -165,14 +166,15 @@ def test_target_files_list_each_worker_and_the_supervisor(tmp_path: Path) -> Non
 def test_the_generated_config_scrapes_every_job_from_the_target_files(tmp_path: Path) -> None:
     config = yaml.safe_load(prometheus_config(targets_dir=tmp_path, scrape_interval_s=1))
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {JOB_STAGE, JOB_SUPERVISOR, JOB_INGEST}
+    assert set(jobs) == {JOB_STAGE, JOB_SUPERVISOR, JOB_INGEST, JOB_MONITOR}
     assert jobs[JOB_STAGE]["file_sd_configs"][0]["files"] == [str(tmp_path / f"{JOB_STAGE}-*.json")]
     assert config["global"]["scrape_interval"] == "1000ms"
-    assert config["rule_files"] == [str(ALERTS)]
+    assert config["rule_files"] == [str(ALERTS), str(PROMETHEUS_DIR / "monitor-rules.yml")]
 
 
 def test_the_metrics_table_lists_every_metric_once() -> None:
     table = markdown_table()
+    assert table in (REPO / "README.md").read_text(), "README's metrics table is stale"
     assert len(table.splitlines()) == 2 + len(METRICS)
     assert len({m.name for m in METRICS}) == len(METRICS)
     # streaminfer_<thing>_<unit> (a counter's unit is its _total)

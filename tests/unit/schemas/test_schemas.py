@@ -103,6 +103,7 @@ def test_every_message_has_a_schema_file() -> None:
         "inference.validated.v1.json",
         "inference.result.v1.json",
         "inference.stored.v1.json",
+        "inference.model-state.v1.json",
     }
 
 

@@ -47,7 +47,11 @@ def test_a_good_request_resolves_its_version() -> None:
     assert isinstance(result, Validated)
     assert result.version == "1"
     message = result.message(validated_at=NOW)
-    assert (message.model_version, message.validated_at, message.deadline) == ("1", NOW, NOW + 5)
+    # No version named: the message leaves it to infer's routing.
+    assert (message.model_version, message.validated_at, message.deadline) == (None, NOW, NOW + 5)
+    named = validate_request(request(model_version="1"), CATALOG, now=NOW)
+    assert isinstance(named, Validated)
+    assert named.message(validated_at=NOW).model_version == "1"
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, cast
 
+import msgspec
 import numpy as np
 import pytest
 import redis
 
-from schemas import Codec, Headers, ResultV1, StoredV1, tensor_from_array
+from schemas import Codec, Headers, ResultV1, StoredV1, Tensor, tensor_from_array
 from schemas.keys import ResultKeys
 from sinks.redis_store import ResultStore
 from stages.errors import SinkUnavailable
@@ -109,3 +111,56 @@ def test_other_redis_errors_are_transient_but_not_out_of_memory() -> None:
         persist_on(client, metrics).process([result_record("r1", 0, None)])
     assert caught.value.retry_after_s < OOM_RETRY_AFTER_S and metrics.ooms == 0
     assert not is_out_of_memory(redis.ConnectionError("OOM-looking text, but no answer"))
+
+
+class LatencyMetrics(NullMetrics):
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+
+    def end_to_end(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+
+def broken_record(offset: int, *, created_at: float = 1.0, output: Tensor | None = None) -> Record:
+    """A result that decodes as ResultV1 (types right) but must not be stored."""
+    good = Codec(ResultV1).decode(result_record("bad", offset, None).value)
+    outputs = good.outputs if output is None else {"p": output}
+    broken = msgspec.structs.replace(good, created_at=created_at, outputs=outputs)
+    return Record("inference.results", 0, offset, b"bad", Codec(ResultV1).encode(broken))
+
+
+@pytest.mark.parametrize(
+    ("broken", "detail"),
+    [
+        (broken_record(1, output=Tensor("float32", [64], b"\x00")), "data has 1 bytes"),
+        (broken_record(1, output=Tensor("float32", [0, 2**62], b"")), "too large to address"),
+        (broken_record(1, output=Tensor("float32", [2**64 - 1], b"")), "too large to address"),
+        (broken_record(1, output=Tensor("float32", [1] * 100, b"\x00" * 4)), "100 dimensions"),
+        (broken_record(1, created_at=math.nan), "created_at must be finite"),
+        (broken_record(1, created_at=math.inf), "created_at must be finite"),
+        (broken_record(1, created_at=-math.inf), "created_at must be finite"),
+        (broken_record(1, created_at=1e308), "more than a year from now"),
+    ],
+)
+def test_a_result_that_cannot_be_read_back_is_dead_lettered_not_stored(
+    broken: Record, detail: str
+) -> None:
+    client = FakeRedis()
+    metrics = LatencyMetrics()
+    store = ResultStore(client=cast(Any, client), ttl_s=60, keys=ResultKeys(prefix="p."))
+    persist = PersistStage(store=store, output_topic="s", metrics=metrics, clock=lambda: 2.0)
+    outcome = persist.process([result_record("r0", 0, None), broken, result_record("r2", 2, None)])
+    [rejection] = outcome.rejected
+    assert rejection.record is broken and rejection.reason == "malformed"
+    assert detail in rejection.detail and "not stored" in rejection.detail
+    # The rest of the batch is stored and announced; the latency metric stays finite.
+    assert set(client.values) == {"p.result:default:r0", "p.result:default:r2"}
+    assert len(outcome.outputs) == 2
+    assert metrics.latencies == [1.0, 1.0]
+
+
+def test_an_empty_tensor_is_a_result_like_any_other() -> None:
+    client = FakeRedis()
+    empty = broken_record(0, output=Tensor("float32", [0, 4], b""))
+    outcome = persist_on(client).process([empty])
+    assert outcome.rejected == [] and list(client.values) == ["p.result:trusted:bad"]

@@ -16,9 +16,10 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, TopicPartition
 
 from stages.errors import DeliveryFailed, OutputTooLarge, SinkUnavailable, TransactionAborted
+from stages.pauses import Backoff, Pauses
 from stages.priority import PriorityGate, Reading
 from stages.records import BatchOutcome, Output, Record, wire_size
-from stages.runtime import Backoff, Pauses, StageRunner
+from stages.runtime import StageRunner
 
 IN, BULK, OUT, DLQ = "in", "bulk", "out", "dlq"
 Key = tuple[str, int]

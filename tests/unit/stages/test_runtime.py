@@ -2,16 +2,11 @@ from collections.abc import Sequence
 
 import pytest
 
+from stages.consumed import first_offsets, next_offsets, read_messages
 from stages.dlq import dlq_output
 from stages.errors import SinkUnavailable
+from stages.isolation import process_isolating, process_within_limit
 from stages.records import BatchOutcome, Output, Record, Rejection, wire_size
-from stages.runtime import (
-    first_offsets,
-    next_offsets,
-    process_isolating,
-    process_within_limit,
-    read_messages,
-)
 from tests.helpers import record
 
 

@@ -22,14 +22,14 @@ def _row() -> np.ndarray:
     return holdout()[0][0]
 
 
-def test_good_request_is_validated_with_version_resolved(stage: ValidateStage) -> None:
+def test_good_request_is_validated_and_left_for_infer_to_route(stage: ValidateStage) -> None:
     request = digits_request(_row(), created_at=NOW - 1)
     outcome = stage.process([record(REQUESTS.encode(request))])
     assert outcome.rejected == []
     [output] = outcome.outputs
     assert output.topic == "validated"
     validated = Codec(ValidatedRequestV1).decode(output.value)
-    assert validated.model_version == "1"
+    assert validated.model_version is None  # no version named: infer routes it at batch time
     assert validated.validated_at == NOW
     assert validated.inputs == request.inputs
     headers = dict(output.headers)
@@ -45,7 +45,7 @@ def _bad(**fields: object) -> bytes:
     [
         (b"\x00garbage", "malformed", "not a valid inference.request/1"),
         (encode_raw({"id": "x", "model": "digits"}), "malformed", "`inputs`"),
-        (_bad(model="nope"), "unknown_model", "unknown model 'nope' (known: digits)"),
+        (_bad(model="nope"), "unknown_model", "unknown model 'nope' (known: "),
         (_bad(model_version="9"), "unknown_model", "no version '9'"),
         (_bad(deadline=NOW - 2), "expired", "deadline passed 2.000s"),
         (
@@ -139,3 +139,22 @@ def test_a_nan_latency_never_reaches_the_end_to_end_histogram() -> None:
     metrics.end_to_end(0.5)
     labels = {"stage": "persist"}
     assert registry.get_sample_value("streaminfer_end_to_end_latency_seconds_sum", labels) == 0.5
+
+
+def test_a_named_version_is_kept_and_must_be_loaded_when_the_control_plane_says() -> None:
+    """With a control plane, validate refuses a version no worker keeps loaded (the reason
+    infer would give), and passes a loaded one through unchanged."""
+    loaded = {"digits": ["1"]}
+    stage = ValidateStage(
+        catalog=ModelCatalog(MODELS),
+        output_topic="validated",
+        clock=lambda: NOW,
+        loaded_versions=lambda spec: loaded[spec.name],
+    )
+    named = [digits_request(_row(), created_at=NOW - 1, model_version=v) for v in ("1", "2")]
+    outcome = stage.process([record(REQUESTS.encode(r), offset=i) for i, r in enumerate(named)])
+    [output] = outcome.outputs
+    assert Codec(ValidatedRequestV1).decode(output.value).model_version == "1"
+    [rejection] = outcome.rejected
+    assert (rejection.record.offset, rejection.reason) == (1, "unknown_model")
+    assert "version '2' of model 'digits' is not loaded (loaded: 1)" in rejection.detail

@@ -28,7 +28,11 @@ def _pins(lock: Path) -> dict[str, str]:
 def _requirements(extra: str | None = None) -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     listed = project["optional-dependencies"][extra] if extra else project["dependencies"]
-    return [Requirement(text) for text in listed]
+    requirements = [Requirement(text) for text in listed]
+    # `streaminfer[tracing]` in the dev extra is this project's own extra: expand it
+    own = [r for r in requirements if r.name == project["name"]]
+    expanded = [x for r in own for extra_name in r.extras for x in _requirements(extra_name)]
+    return [r for r in requirements if r.name != project["name"]] + expanded
 
 
 @pytest.mark.parametrize(

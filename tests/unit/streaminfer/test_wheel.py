@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
-OUTSIDE_THE_PRODUCT = {"bench", "tests"}
+OUTSIDE_THE_PRODUCT = {"bench", "monitor", "tests"}  # monitor: its own venv (faust)
 # Build output and state that a copy of the checkout does not need.
 _NOT_COPIED = shutil.ignore_patterns(
     ".git",

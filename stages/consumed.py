@@ -1,0 +1,79 @@
+"""Consumed Kafka messages as :class:`Record` s, and a batch's offsets (see :mod:`stages.runtime`).
+
+Reading a message is part of the per-record isolation: a message that cannot be read as a
+:class:`Record` (e.g. a header name that is not UTF-8) becomes a ``malformed`` rejection,
+never an exception that stops the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from confluent_kafka import Message, TopicPartition
+
+from stages.pauses import Partition
+from stages.records import Record, Rejection
+
+
+def to_record(message: Message) -> Record:
+    """The :class:`Record` of a consumed message. Raises for messages that cannot be read:
+    confluent-kafka decodes header names as UTF-8 and raises when one is not."""
+    raw = message.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    return Record(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=message.key(),
+        value=message.value() or b"",
+        headers=tuple((k, _header_bytes(v)) for k, v in pairs),
+        timestamp_ms=message.timestamp()[1],
+    )
+
+
+def _header_bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else value
+
+
+def read_messages(messages: Iterable[Message]) -> tuple[list[Record], list[Rejection]]:
+    """Records of ``messages``, and a ``malformed`` rejection (without the unreadable
+    headers) for each message that :func:`to_record` cannot read."""
+    records: list[Record] = []
+    unreadable: list[Rejection] = []
+    for message in messages:
+        try:
+            records.append(to_record(message))
+        except Exception as exc:
+            detail = f"unreadable Kafka record (headers dropped): {type(exc).__name__}: {exc}"
+            unreadable.append(Rejection(_without_headers(message), "malformed", detail))
+    return records, unreadable
+
+
+def _without_headers(message: Message) -> Record:
+    return Record(
+        topic=message.topic() or "",
+        partition=message.partition() or 0,
+        offset=message.offset() or 0,
+        key=message.key(),
+        value=message.value() or b"",
+    )
+
+
+def next_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
+    """Per partition, the offset after the last record of ``batch`` (what to commit)."""
+    last: dict[Partition, int] = {}
+    for record in batch:
+        key = (record.topic, record.partition)
+        last[key] = max(last.get(key, -1), record.offset)
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def first_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
+    """Per partition, the offset of the first record of ``batch`` (where to rewind)."""
+    first: dict[Partition, int] = {}
+    for record in batch:
+        key = (record.topic, record.partition)
+        first[key] = min(first.get(key, record.offset), record.offset)
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
