@@ -67,3 +67,10 @@ class OutputTooLarge(TransactionAborted):
 class DlqLimitExceeded(Exception):
     """Too many records are failing in this stage: it stops rather than flush the stream into
     the DLQ (a broken model must not eat the input). Nothing of the batch was committed."""
+
+
+class ConsumerFailed(Exception):
+    """The consumer hit an error it cannot recover from in this process (librdkafka's fatal
+    errors, e.g. a static member fenced by its own rejoin after a coordinator moved). The
+    worker exits with ``EXIT_STUCK`` (75) so that its supervisor starts a fresh one, which
+    rejoins with the same ``group.instance.id`` and takes the partitions back."""

@@ -64,6 +64,7 @@ from stages.committers import Committer
 from stages.consumed import first_offsets, next_offsets, read_messages
 from stages.dlq import DlqBudget, dlq_output
 from stages.errors import (
+    ConsumerFailed,
     DeliveryFailed,
     OutputTooLarge,
     SinkUnavailable,
@@ -342,7 +343,7 @@ class StageRunner:
         # A static member fenced by another with its group.instance.id reports _FATAL with
         # fatal() False; logging it would leave a live process that consumes nothing.
         if err.fatal() or err.code() == KafkaError._FATAL:
-            raise RuntimeError(f"{self._stage.name}: fatal consumer error: {err}")
+            raise ConsumerFailed(f"{self._stage.name}: fatal consumer error: {err}")
         log.warning("%s: consumer error: %s", self._stage.name, err)
         return False
 

@@ -27,6 +27,8 @@ import sys
 import threading
 from types import FrameType
 
+from stages.committers import EXIT_STUCK
+from stages.errors import ConsumerFailed
 from streaminfer.kafka import partition_count
 from streaminfer.logs import configure as configure_logging
 from streaminfer.monitoring import worker_exit_metrics
@@ -53,7 +55,12 @@ def run_worker(settings: Settings, name: StageName, slot: int) -> None:
     configure_logging(settings.log_format, stage=name, worker=f"{name}[{slot}]")
     stop = threading.Event()
     install_stop_handlers(stop)
-    build_runner(settings, name, slot=slot).run(stop)
+    try:
+        build_runner(settings, name, slot=slot).run(stop)
+    except ConsumerFailed as exc:
+        # Restartable, like the transactional watchdog's exit: a fresh worker rejoins.
+        log.critical("%s; exiting with %d so that a fresh worker takes over", exc, EXIT_STUCK)
+        raise SystemExit(EXIT_STUCK) from exc
 
 
 def run_supervised_worker(

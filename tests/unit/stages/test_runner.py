@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaError, TopicPartition
 
-from stages.errors import DeliveryFailed, OutputTooLarge, SinkUnavailable, TransactionAborted
+from stages.errors import (
+    ConsumerFailed,
+    DeliveryFailed,
+    OutputTooLarge,
+    SinkUnavailable,
+    TransactionAborted,
+)
 from stages.pauses import Backoff, Pauses
 from stages.priority import PriorityGate, Reading
 from stages.records import BatchOutcome, Output, Record, wire_size
@@ -535,16 +541,23 @@ def test_the_running_context_spans_the_run() -> None:
     assert events == ["enter", "exit"]
 
 
-@pytest.mark.parametrize("fatal", [True])
-def test_a_fatal_consumer_error_stops_the_worker(fatal: bool) -> None:
+@pytest.mark.parametrize(
+    ("fatal", "code"),
+    [(True, KafkaError.UNKNOWN), (False, KafkaError._FATAL)],  # _FATAL: a fenced static member
+    ids=["fatal", "fenced-static-member"],
+)
+def test_a_fatal_consumer_error_stops_the_worker_for_a_restart(fatal: bool, code: int) -> None:
     class Error:
         def fatal(self) -> bool:
             return fatal
+
+        def code(self) -> int:
+            return code
 
     class Broken(Message):
         def error(self) -> Error:  # type: ignore[override]
             return Error()
 
     s = setup({(IN, 0): [Broken(IN, 0, 0, b"")]})
-    with pytest.raises(RuntimeError, match="fatal consumer error"):
+    with pytest.raises(ConsumerFailed, match="fatal consumer error"):
         s.run()
