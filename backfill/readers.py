@@ -88,16 +88,9 @@ def open_reader(
     return JsonLinesReader(path, batch_rows=batch_rows, max_row_bytes=max_row_bytes)
 
 
-# --- CSV ----------------------------------------------------------------------------------
-
-
-class CsvReader:
-    """Records cut by :class:`RecordCutter` (so one oversized record is a reject, not the end
-    of the file), parsed by pyarrow a batch at a time. Every mapped column is read as text
-    and parsed here, so one bad value rejects its row rather than failing the batch; a batch
-    pyarrow refuses as a whole is parsed in halves until the refused records are found."""
-
-    format: Format = "csv"
+class _Reader:
+    """What every reader is built from: the file, the rows in a chunk, and the size limit of
+    a record (CSV, JSON lines) or of a cell (Parquet)."""
 
     def __init__(
         self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
@@ -105,6 +98,18 @@ class CsvReader:
         self.path = path
         self._batch_rows = batch_rows
         self._max_row_bytes = max_row_bytes
+
+
+# --- CSV ----------------------------------------------------------------------------------
+
+
+class CsvReader(_Reader):
+    """Records cut by :class:`RecordCutter` (so one oversized record is a reject, not the end
+    of the file), parsed by pyarrow a batch at a time. Every mapped column is read as text
+    and parsed here, so one bad value rejects its row rather than failing the batch; a batch
+    pyarrow refuses as a whole is parsed in halves until the refused records are found."""
+
+    format: Format = "csv"
 
     def columns(self) -> list[str]:
         with _open_binary(self.path) as data:
@@ -241,17 +246,10 @@ class _CsvBatchParser:
 # --- Parquet ------------------------------------------------------------------------------
 
 
-class ParquetReader:
+class ParquetReader(_Reader):
     """``ParquetFile.iter_batches``; whole row groups before ``after_row`` are not read."""
 
     format: Format = "parquet"
-
-    def __init__(
-        self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
-    ) -> None:
-        self.path = path
-        self._batch_rows = batch_rows
-        self._max_cell_bytes = max_row_bytes
 
     def columns(self) -> list[str]:
         return list(pq.ParquetFile(self.path).schema_arrow.names)
@@ -272,7 +270,7 @@ class ParquetReader:
                 rows = np.arange(next_row, next_row + batch.num_rows, dtype=np.int64)
                 next_row += batch.num_rows
                 yield arrow_chunk(
-                    batch, rows, mapping, after_row=after_row, max_cell_bytes=self._max_cell_bytes
+                    batch, rows, mapping, after_row=after_row, max_cell_bytes=self._max_row_bytes
                 )
 
 
@@ -290,18 +288,11 @@ def _row_groups_after(metadata: Any, after_row: int) -> tuple[list[int], int]:
 # --- JSON lines ---------------------------------------------------------------------------
 
 
-class JsonLinesReader:
+class JsonLinesReader(_Reader):
     """One JSON object per line (keys are columns), or one JSON array per line (the values
     of a one-input model). Lines are decoded only after ``after_row``."""
 
     format: Format = "jsonl"
-
-    def __init__(
-        self, path: Path, *, batch_rows: int = 4096, max_row_bytes: int = MAX_CELL_BYTES
-    ) -> None:
-        self.path = path
-        self._batch_rows = batch_rows
-        self._max_row_bytes = max_row_bytes
 
     def columns(self) -> list[str]:
         for _row, line in self._numbered_lines(0):

@@ -29,11 +29,13 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+from redis.exceptions import RedisError
 
-from ingest.payloads import InvalidBody, RequestDecoder, RequestTooLarge, Submission
-from ingest.service import IngestService
+from ingest.delivery import QueueFull
+from ingest.payloads import BatchTooLarge, InvalidBody, RequestDecoder, RequestTooLarge, Submission
+from ingest.service import IngestService, KafkaUnavailable, Overloaded
 from ingest.tensors_json import TensorValueError, tensor_from_values
-from ingest.waiters import DeadLettered, Outcome, Stored
+from ingest.waiters import DeadLettered, Outcome, ResultsUnavailable, Stored
 from schemas import Codec, ResultV1, tensor_from_array, tensor_to_array
 from schemas.models import ModelCatalog, ModelSpec, TensorSpec, UnknownModel, version_order
 
@@ -80,6 +82,28 @@ class OipError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, **self.details}
+
+
+# What the service may raise for a request that is not at fault (or a batch over the limit).
+SERVICE_ERRORS: Final = (
+    QueueFull,
+    Overloaded,
+    BatchTooLarge,
+    KafkaUnavailable,
+    ResultsUnavailable,
+    RedisError,
+)
+
+
+def service_error(exc: Exception) -> OipError:
+    """``exc``, one of :data:`SERVICE_ERRORS`, as the v2 error both doors answer."""
+    if isinstance(exc, QueueFull | Overloaded):
+        return OipError(429, f"{exc}; retry later")
+    if isinstance(exc, BatchTooLarge):
+        return OipError(413, str(exc))
+    if isinstance(exc, KafkaUnavailable):
+        return OipError(503, str(exc))
+    return OipError(503, f"Redis is unavailable: {exc!r}")
 
 
 @dataclass(frozen=True, slots=True)

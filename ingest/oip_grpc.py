@@ -26,15 +26,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import grpc
-from redis.exceptions import RedisError
 
-from ingest.delivery import QueueFull
 from ingest.grpc_v2 import grpc_predict_v2_pb2 as pb
 from ingest.grpc_v2 import grpc_predict_v2_pb2_grpc as pb_grpc
 from ingest.middleware import presented_key
 from ingest.oip import (
     FROM_V2,
     GRPC_CODES,
+    SERVICE_ERRORS,
     InferRequest,
     InferResponse,
     InputTensor,
@@ -47,10 +46,8 @@ from ingest.oip import (
     model_metadata,
     model_ready,
     raw_bytes,
+    service_error,
 )
-from ingest.payloads import BatchTooLarge
-from ingest.service import KafkaUnavailable, Overloaded
-from ingest.waiters import ResultsUnavailable
 
 log = logging.getLogger(__name__)
 _DEADLINE_MARGIN_S: Final = 0.05  # answer DEADLINE_EXCEEDED ourselves, with the id, before it
@@ -142,14 +139,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             answer = await self._gateway.infer(parsed, tenant=tenant)
         except OipError as exc:
             await _abort(context, exc)
-        except (QueueFull, Overloaded) as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
-        except BatchTooLarge as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except KafkaUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except (ResultsUnavailable, RedisError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis is unavailable: {exc!r}")
+        except SERVICE_ERRORS as exc:
+            await _abort(context, service_error(exc))
         return infer_response_to_proto(answer)
 
     async def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:

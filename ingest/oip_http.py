@@ -25,13 +25,12 @@ from typing import Annotated, Any, Final
 import msgspec
 from fastapi import FastAPI, Query, Request, Response
 from msgspec import Meta, Struct
-from redis.exceptions import RedisError
 
 from ingest.app import HttpConfig, read_body
-from ingest.delivery import QueueFull
 from ingest.errors import ApiError, json_response
 from ingest.middleware import tenant_of
 from ingest.oip import (
+    SERVICE_ERRORS,
     InferRequest,
     InferResponse,
     InputTensor,
@@ -45,11 +44,10 @@ from ingest.oip import (
     model_metadata,
     model_ready,
     raw_bytes,
+    service_error,
 )
 from ingest.oip_grpc import GrpcConfig, serving_grpc
-from ingest.payloads import BatchTooLarge
-from ingest.service import IngestService, KafkaUnavailable, Overloaded
-from ingest.waiters import ResultsUnavailable
+from ingest.service import IngestService
 from schemas.models import ModelCatalog
 
 HEADER_LENGTH: Final = "inference-header-content-length"
@@ -153,14 +151,9 @@ async def _v2(work: Callable[[], Awaitable[Response]]) -> Response:
         return json_response(exc.status, exc.body())
     except ApiError as exc:  # read_body's 413
         return json_response(exc.status, {"error": exc.message}, exc.headers)
-    except (QueueFull, Overloaded) as exc:
-        return json_response(429, {"error": f"{exc}; retry later"})
-    except BatchTooLarge as exc:
-        return json_response(413, {"error": str(exc)})
-    except KafkaUnavailable as exc:
-        return json_response(503, {"error": str(exc)})
-    except (ResultsUnavailable, RedisError) as exc:
-        return json_response(503, {"error": f"Redis is unavailable: {exc!r}"})
+    except SERVICE_ERRORS as exc:
+        error = service_error(exc)
+        return json_response(error.status, error.body())
 
 
 def _add_server_routes(app: FastAPI, gateway: GatewayRef) -> None:

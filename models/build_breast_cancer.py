@@ -28,32 +28,32 @@ both at that threshold and at argmax (0.5).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import skl2onnx
 import sklearn
 import yaml
 from onnx_build import (
     MODELS_DIR,
     SEED,
-    TARGET_OPSET,
     bench,
     check_signature,
     describe,
     flow_mapping,
     label_distribution,
+    parse_args,
     report_files,
     run_and_compare,
     save_npz,
     session,
+    split,
     to_onnx,
+    toolchain,
 )
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_predict, train_test_split
+from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -150,20 +150,12 @@ def choose_threshold(pipe: Pipeline, x_train: np.ndarray, y_train: np.ndarray) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--bench", action="store_true", help="also time onnxruntime at batch 1/64/512")
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     data = load_breast_cancer()
     assert list(data.target_names) == LABELS, data.target_names
     features = [snake(str(f)) for f in data.feature_names]
-    x = data.data.astype(np.float32)  # the pipeline feeds float32; train on exactly those values
-    y = data.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=SEED, stratify=y
-    )
+    x_train, x_test, y_train, y_test = split(data.data, data.target, test_size=0.25)
     pipe = Pipeline(
         [("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=5000, random_state=SEED))]
     )
@@ -171,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.fit(x_train, y_train)
     sk_pred = pipe.predict(x_test)
     to_onnx(pipe, name=NAME, n_features=len(features), path=ONNX_PATH)
-    print(
-        f"{NAME} v{VERSION}: scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
-        f"onnxruntime {ort.__version__}, opset {TARGET_OPSET}; "
-        f"train {len(y_train)} rows, held-out {len(y_test)} rows"
-    )
+    print(f"{NAME} v{VERSION}: {toolchain(len(y_train), len(y_test))}")
     out = run_and_compare(ONNX_PATH, x_test, sk_pred, pipe.predict_proba(x_test))
     accuracy, recall = scores(at_threshold(out["probabilities"], threshold), y_test)
     accuracy_argmax, recall_argmax = scores(out["label"], y_test)

@@ -28,7 +28,6 @@ Everything is seeded and the output files are byte-for-byte reproducible on one 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -41,21 +40,22 @@ import yaml
 from onnx_build import (
     MODELS_DIR,
     SEED,
-    TARGET_OPSET,
     bench,
     check_signature,
     describe,
     flow_mapping,
     label_distribution,
+    parse_args,
     report_files,
     run_and_compare,
     save_npz,
     session,
+    split,
     to_onnx,
+    toolchain,
 )
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -152,23 +152,10 @@ def build_version(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--bench", action="store_true", help="also time onnxruntime at batch 1/64/512")
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32)  # the pipeline feeds float32; train on exactly those values
-    y = y.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=SEED, stratify=y
-    )
-    print(
-        f"scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
-        f"onnxruntime {ort.__version__}, opset {TARGET_OPSET}; "
-        f"train {len(y_train)} rows, held-out {len(y_test)} rows"
-    )
+    x_train, x_test, y_train, y_test = split(*load_digits(return_X_y=True), test_size=0.2)
+    print(toolchain(len(y_train), len(y_test)))
     built = {v.name: build_version(v, x_train, y_train, x_test, y_test) for v in versions()}
 
     save_npz(HOLDOUT_PATH, X=x_test.astype(np.float32), y=y_test.astype(np.int64))

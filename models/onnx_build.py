@@ -9,6 +9,7 @@ signature against its ``model.yaml`` and writes reproducible files.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import time
@@ -19,8 +20,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import skl2onnx
+import sklearn
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
+from sklearn.model_selection import train_test_split
 
 # Default domain / ai.onnx.ml opsets: well inside what skl2onnx is tested with and what
 # every onnxruntime >= 1.18 (the project's floor) executes.
@@ -160,3 +164,31 @@ def bench(sess: ort.InferenceSession, x: np.ndarray, batch_sizes: tuple[int, ...
             f"  batch {n:4d}: {med:9.1f} us/call  {med / n:7.2f} us/row  "
             f"(p90 {float(np.percentile(times, 90)) / 1e3 / n:.2f} us/row, {reps} reps)"
         )
+
+
+def parse_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """A build script's command line (``doc`` is its ``__doc__``): ``--bench``."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--bench", action="store_true", help="also time onnxruntime at batch 1/64/512")
+    return ap.parse_args(argv)
+
+
+def split(x: np.ndarray, y: np.ndarray, *, test_size: float) -> list[np.ndarray]:
+    """``x_train, x_test, y_train, y_test``: stratified, seeded, float32 features."""
+    x = x.astype(np.float32)  # the pipeline feeds float32; train on exactly those values
+    y = y.astype(np.int64)
+    parts: list[np.ndarray] = train_test_split(
+        x, y, test_size=test_size, random_state=SEED, stratify=y
+    )
+    return parts
+
+
+def toolchain(train_rows: int, test_rows: int) -> str:
+    """The versions a build used and its row counts, for the build's first line."""
+    return (
+        f"scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}, "
+        f"onnxruntime {ort.__version__}, opset {TARGET_OPSET}; "
+        f"train {train_rows} rows, held-out {test_rows} rows"
+    )

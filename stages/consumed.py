@@ -20,14 +20,22 @@ def to_record(message: Message) -> Record:
     confluent-kafka decodes header names as UTF-8 and raises when one is not."""
     raw = message.headers() or []
     pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    headers = tuple((k, _header_bytes(v)) for k, v in pairs)
+    return _record(message, headers, message.timestamp()[1])
+
+
+def _record(
+    message: Message, headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int = 0
+) -> Record:
+    """The record of ``message``; without ``headers`` when they cannot be read."""
     return Record(
         topic=message.topic() or "",
         partition=message.partition() or 0,
         offset=message.offset() or 0,
         key=message.key(),
         value=message.value() or b"",
-        headers=tuple((k, _header_bytes(v)) for k, v in pairs),
-        timestamp_ms=message.timestamp()[1],
+        headers=headers,
+        timestamp_ms=timestamp_ms,
     )
 
 
@@ -47,18 +55,8 @@ def read_messages(messages: Iterable[Message]) -> tuple[list[Record], list[Rejec
             records.append(to_record(message))
         except Exception as exc:
             detail = f"unreadable Kafka record (headers dropped): {type(exc).__name__}: {exc}"
-            unreadable.append(Rejection(_without_headers(message), "malformed", detail))
+            unreadable.append(Rejection(_record(message), "malformed", detail))
     return records, unreadable
-
-
-def _without_headers(message: Message) -> Record:
-    return Record(
-        topic=message.topic() or "",
-        partition=message.partition() or 0,
-        offset=message.offset() or 0,
-        key=message.key(),
-        value=message.value() or b"",
-    )
 
 
 def next_offsets(batch: Iterable[Record]) -> list[TopicPartition]:

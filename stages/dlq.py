@@ -9,29 +9,12 @@ from typing import Final, get_args
 
 from schemas import Headers
 from schemas.validation import DLQ_ERROR_MAX_CHARS
-from stages.errors import DlqLimitExceeded, Reason
+from stages.errors import DlqLimitExceeded, PipelineReason
 from stages.records import HeaderList, Output, Rejection, wire_size
 
-ALL_REASONS: Final = frozenset(get_args(Reason))
-# Rejections that say "the request is bad" (the client's fault). Any other rejection says
-# "the pipeline cannot process good input" (a broken model, a bug).
-CLIENT_REASONS: Final = frozenset(
-    {
-        "malformed",
-        "unknown_model",
-        "signature_mismatch",
-        "non_finite",
-        "out_of_range",
-        "expired",
-        "too_large",
-        # The request's named features cannot make the model's inputs (a missing feature,
-        # a value that is not a number): the client's fault. A plugin failing in infer
-        # (preprocess_error, postprocess_error) is not, and counts against the budget.
-        "parse_error",
-    }
-)
-# What counts against the budget at the first stage, where every client error is found.
-PIPELINE_REASONS: Final = ALL_REASONS - CLIENT_REASONS
+# What counts against the budget at the first stage, where every client error is found:
+# the rejections that say "the pipeline cannot process good input" (see stages.errors).
+PIPELINE_REASONS: Final = frozenset(get_args(PipelineReason))
 # ...and after it: a record that validate let through but is malformed or too large now
 # means an upstream bug (or a model whose outputs are too large), not a bad request.
 DOWNSTREAM_REASONS: Final = PIPELINE_REASONS | {"malformed", "too_large"}

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-Reason = Literal[
+# "The request is bad" (the client's fault): found at the first stage.
+ClientReason = Literal[
     "malformed",
     "unknown_model",
     "signature_mismatch",
     "non_finite",
     "out_of_range",
     "expired",
+    "too_large",
+    # The request's named features cannot make the model's inputs (a missing feature, a
+    # value that is not a number; a validate processor, stages.plugins): the client's fault.
+    "parse_error",
+]
+# "The pipeline cannot process good input" (a broken model, a bug). A plugin failing in
+# infer (preprocess_error, postprocess_error) is one of these.
+PipelineReason = Literal[
     "inference_error",
-    "parse_error",  # a validate processor could not build the inputs (stages.plugins)
     "preprocess_error",
     "postprocess_error",
     "stage_error",
-    "too_large",
 ]
+Reason = Literal[ClientReason, PipelineReason]
 
 
 class InvalidRecord(Exception):

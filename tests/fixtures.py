@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import cache
 from pathlib import Path
@@ -284,6 +284,16 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting until {what}")
         time.sleep(0.1)
+
+
+def send_digits(settings: Settings, topic: str, ids: Sequence[str]) -> None:
+    """One digits request per id (the held-out rows in turn) to ``topic``; returns once Kafka
+    acknowledged every one."""
+    features, _ = holdout()
+    sender = RequestProducer(producer=make_producer(settings), topic=topic)
+    for i, request_id in enumerate(ids):
+        sender.send(digits_request(features[i % len(features)], request_id=request_id))
+    assert sender.flush() == 0
 
 
 def read_topic(

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import yaml
 
 from schemas import Codec, RequestV1, tensor_from_array
 from stages.records import Record
@@ -16,6 +17,18 @@ from stages.records import Record
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 REQUESTS = Codec(RequestV1)
+
+
+CANCER = MODELS / "breast_cancer"
+
+
+def cancer_policy() -> tuple[list[str], float]:
+    """What ``models/breast_cancer/model.yaml`` configures its processors with: the named
+    features in the model's input order, and the decision threshold."""
+    contract = yaml.safe_load((CANCER / "model.yaml").read_text())
+    features: list[str] = contract["processors"]["validate"][0]["config"]["features"]
+    threshold: float = contract["processors"]["infer"][0]["config"]["threshold"]
+    return features, threshold
 
 
 def holdout() -> tuple[np.ndarray, np.ndarray]:

@@ -29,9 +29,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
-home="${STREAMINFER_HOME:-$repo/.cache}"
-mkdir -p "$home"
-home="$(cd "$home" && pwd)" # log.dirs must be absolute
+# shellcheck source=ops/lib/common.sh
+source "$here/../lib/common.sh" kafka-cluster
 
 nodes="${KAFKA_NODES:-3}"
 cdir="$home/kafka-cluster"
@@ -45,21 +44,7 @@ base_cport="${STREAMINFER_KAFKA_CLUSTER_CONTROLLER_PORT:-19192}"
 start_timeout="${STREAMINFER_KAFKA_START_TIMEOUT:-120}"
 heap_opts="${STREAMINFER_KAFKA_HEAP_OPTS:--Xmx512m -Xms512m}"
 
-if [[ -z "${PYTHON:-}" ]] || ! command -v "$PYTHON" >/dev/null; then
-    if [[ -x "$repo/.venv/bin/python" ]]; then
-        PYTHON="$repo/.venv/bin/python"
-    else
-        PYTHON="$(command -v python3 || true)"
-    fi
-fi
-
-say() { echo "kafka-cluster: $*"; }
-# shellcheck source=ops/lib/proc.sh
-source "$here/../lib/proc.sh"
-die() {
-    echo "kafka-cluster: $*" >&2
-    exit 1
-}
+find_python
 
 [[ "$nodes" =~ ^[3-5]$ ]] || die "KAFKA_NODES=$nodes: use 1 (one node) or 3 to 5"
 [[ -n "$PYTHON" ]] || die "python3 is needed to check the nodes' readiness"

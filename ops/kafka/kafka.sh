@@ -30,9 +30,8 @@ if [[ "${KAFKA_NODES:-1}" != 1 ]]; then
     exec bash "$here/cluster.sh" "$@"
 fi
 
-home="${STREAMINFER_HOME:-$repo/.cache}"
-mkdir -p "$home"
-home="$(cd "$home" && pwd)" # log.dirs must be absolute
+# shellcheck source=ops/lib/common.sh
+source "$here/../lib/common.sh" kafka
 
 kdir="$home/kafka"
 lib="$kdir/lib"
@@ -49,21 +48,7 @@ cport="${STREAMINFER_KAFKA_CONTROLLER_PORT:-9093}"
 start_timeout="${STREAMINFER_KAFKA_START_TIMEOUT:-60}"
 heap_opts="${STREAMINFER_KAFKA_HEAP_OPTS:--Xmx512m -Xms512m}"
 
-if [[ -z "${PYTHON:-}" ]] || ! command -v "$PYTHON" >/dev/null; then
-    if [[ -x "$repo/.venv/bin/python" ]]; then
-        PYTHON="$repo/.venv/bin/python"
-    else
-        PYTHON="$(command -v python3 || true)"
-    fi
-fi
-
-say() { echo "kafka: $*"; }
-# shellcheck source=ops/lib/proc.sh
-source "$here/../lib/proc.sh"
-die() {
-    echo "kafka: $*" >&2
-    exit 1
-}
+find_python
 
 # --- fetch ------------------------------------------------------------------------------
 

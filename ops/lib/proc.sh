@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Process helpers shared by ops/kafka/kafka.sh and ops/redis/redis.sh (sourced; they define
-# `say`). Never signal a pid we cannot prove is ours: pids are recycled.
+# Process helpers shared by the ops scripts (sourced by common.sh, which defines `say`).
+# Never signal a pid we cannot prove is ours: pids are recycled.
 
 # Alive = exists and is not a zombie. Daemons here are reparented to PID 1, which may reap
 # exited children late; a zombie has finished and must not be waited for.

@@ -20,9 +20,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
-home="${STREAMINFER_HOME:-$repo/.cache}"
-mkdir -p "$home"
-home="$(cd "$home" && pwd)"
+# shellcheck source=ops/lib/common.sh
+source "$here/../lib/common.sh" redis
 
 rdir="$home/redis"
 conf="$rdir/redis.conf"
@@ -33,14 +32,6 @@ host=127.0.0.1
 port="${STREAMINFER_REDIS_PORT:-6379}"
 start_timeout="${STREAMINFER_REDIS_START_TIMEOUT:-60}"
 maxmemory="${STREAMINFER_REDIS_MAXMEMORY:-1gb}"
-
-say() { echo "redis: $*"; }
-# shellcheck source=ops/lib/proc.sh
-source "$here/../lib/proc.sh"
-die() {
-    echo "redis: $*" >&2
-    exit 1
-}
 
 ensure_installed() {
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0

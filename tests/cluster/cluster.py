@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, PartitionMetadata
 
 # The public names are not re-exported for mypy (no __all__ in confluent_kafka.admin).
 from confluent_kafka.admin._config import ConfigResource
@@ -130,28 +130,33 @@ def leaders(admin: AdminClient, topics: Iterable[str]) -> Counter[int]:
     )
 
 
+def _existing_partitions(
+    admin: AdminClient, topics: Iterable[str]
+) -> Iterator[tuple[str, PartitionMetadata]]:
+    """Every partition of ``topics``; topics that do not exist yet (the internal ones before
+    first use) have none."""
+    metadata = admin.list_topics(timeout=10)
+    for t in topics:
+        if t in metadata.topics:
+            yield from ((t, p) for p in metadata.topics[t].partitions.values())
+
+
 def under_replicated(admin: AdminClient, topics: Iterable[str]) -> list[str]:
     """``topic-partition`` of every partition whose ISR is not all of its replicas, or that
     has no leader. Topics that do not exist yet (the internal ones before first use) count as
     fine."""
-    metadata = admin.list_topics(timeout=10)
     return [
         f"{t}-{p.id} isr={p.isrs} replicas={p.replicas}"
-        for t in topics
-        if t in metadata.topics
-        for p in metadata.topics[t].partitions.values()
+        for t, p in _existing_partitions(admin, topics)
         if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas)
     ]
 
 
 def off_preferred(admin: AdminClient, topics: Iterable[str]) -> list[str]:
     """``topic-partition`` of every partition not led by its preferred (first) replica."""
-    metadata = admin.list_topics(timeout=10)
     return [
         f"{t}-{p.id} leader={p.leader} replicas={p.replicas}"
-        for t in topics
-        if t in metadata.topics
-        for p in metadata.topics[t].partitions.values()
+        for t, p in _existing_partitions(admin, topics)
         if p.leader != p.replicas[0]
     ]
 

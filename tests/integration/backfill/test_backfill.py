@@ -135,6 +135,14 @@ def backfill_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def digits_backfill_cli(source: Path, bid: str, *, rate: int, log: Path) -> subprocess.Popen[bytes]:
+    """``streaminfer backfill`` of ``source`` into the digits model as ``bid`` at ``rate``
+    rows per second, in a child process (its output in ``log``)."""
+    return backfill_cli(
+        str(source), "--model", "digits", "--backfill-id", bid, "--rate", str(rate), log=log
+    )
+
+
 def rows_done(store: CheckpointStore, backfill_id: str) -> int:
     return store.load(backfill_id).sources[0].rows_done if store.exists(backfill_id) else 0
 
@@ -216,16 +224,7 @@ def test_killed_backfill_resumes_without_gaps_or_new_ids(
     store = checkpoint_store(backfill_context(pipeline))
     kill_at = random.Random().randint(1_000, 7_000)
     print(f"killing {bid} after {kill_at} rows")
-    proc = backfill_cli(
-        str(source),
-        "--model",
-        "digits",
-        "--backfill-id",
-        bid,
-        "--rate",
-        "4000",
-        log=tmp_path / "bf.log",
-    )
+    proc = digits_backfill_cli(source, bid, rate=4000, log=tmp_path / "bf.log")
     try:
         wait_until(
             lambda: rows_done(store, bid) >= kill_at or proc.poll() is not None,
@@ -262,16 +261,7 @@ def test_ctrl_c_leaves_a_checkpoint_of_exactly_what_kafka_holds(
     source = write_csv(tmp_path / "digits.csv", digits(ROWS))
     bid = new_id("int")
     store = checkpoint_store(backfill_context(pipeline))
-    proc = backfill_cli(
-        str(source),
-        "--model",
-        "digits",
-        "--backfill-id",
-        bid,
-        "--rate",
-        "3000",
-        log=tmp_path / "bf.log",
-    )
+    proc = digits_backfill_cli(source, bid, rate=3000, log=tmp_path / "bf.log")
     wait_until(lambda: rows_done(store, bid) >= 2_000, 60, f"{bid} sent 2000 rows")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130

@@ -23,7 +23,7 @@ from schemas.models import ModelSpec
 from streaminfer import models_cli
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
-from tests.fixtures import Load, StageProcesses, read_topic, records_written
+from tests.fixtures import Load, StageProcesses, read_topic, records_written, send_digits
 from tests.helpers import digits_request, holdout
 from tests.model_repo import add_version, digits_repository
 
@@ -127,12 +127,8 @@ def test_a_shadow_twins_every_result_on_its_own_topic_and_never_in_redis(
     settings = repo_settings
     _command(settings, shadow, "2")
     stages.start_pipeline()
-    features, _ = holdout()
-    sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)
     ids = [f"shadowed-{i}" for i in range(1000)]
-    for i, request_id in enumerate(ids):
-        sender.send(digits_request(features[i % len(features)], request_id=request_id))
-    assert sender.flush() == 0
+    send_digits(settings, settings.topics.requests, ids)
 
     primaries = _results(settings, len(ids))
     twins = [

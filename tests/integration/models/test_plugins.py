@@ -17,16 +17,13 @@ from schemas import Codec, ResultV1, StoredV1, ValidatedRequestV1
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
 from tests.fixtures import StageProcesses, read_topic
-from tests.helpers import MODELS, digits_request, holdout
+from tests.helpers import CANCER, MODELS, cancer_policy, digits_request, holdout
 from tests.integration.ingest.fixtures import serving
 
 pytestmark = pytest.mark.integration
 RESULTS = Codec(ResultV1)
 VALIDATED = Codec(ValidatedRequestV1)
-CANCER = MODELS / "breast_cancer"
-CANCER_YAML = yaml.safe_load((CANCER / "model.yaml").read_text())
-FEATURES: list[str] = CANCER_YAML["processors"]["validate"][0]["config"]["features"]
-THRESHOLD: float = CANCER_YAML["processors"]["infer"][0]["config"]["threshold"]
+FEATURES, THRESHOLD = cancer_policy()
 
 
 def _repository_with_poison_plugin(root: Path) -> Path:

@@ -16,7 +16,7 @@ from schemas import Codec, ResultV1, StoredV1, tensor_from_array, tensor_to_arra
 from schemas.keys import ResultKeys
 from streaminfer.kafka import make_producer
 from streaminfer.settings import Settings
-from tests.fixtures import StageProcesses, read_topic
+from tests.fixtures import StageProcesses, read_topic, send_digits
 from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout
 
 pytestmark = pytest.mark.integration
@@ -126,12 +126,8 @@ def test_two_infer_workers_share_the_partitions_and_produce_each_result_once(
     stages.start("infer", workers=2)
     stages.wait_members("infer", 2)
 
-    features, _ = holdout()
-    sender = RequestProducer(producer=make_producer(settings), topic=settings.topics.requests)
     ids = [f"w-{i}" for i in range(1000)]
-    for i, request_id in enumerate(ids):
-        sender.send(digits_request(features[i % len(features)], request_id=request_id))
-    assert sender.flush() == 0
+    send_digits(settings, settings.topics.requests, ids)
 
     results = read_topic(settings, settings.topics.results, count=len(ids))
     assert Counter(RESULTS.decode(m.value()).id for m in results) == Counter(ids)

@@ -8,24 +8,14 @@ import uuid
 
 import pytest
 
-from kafkaio.produce import RequestProducer
 from schemas import Codec, StoredV1, ValidatedRequestV1
-from streaminfer.kafka import make_consumer, make_producer
+from streaminfer.kafka import make_consumer
 from streaminfer.settings import Settings
 from streaminfer.wiring import downstream_backlog
-from tests.fixtures import Load, StageProcesses, read_topic
-from tests.helpers import digits_request, holdout
+from tests.fixtures import Load, StageProcesses, read_topic, send_digits
 
 pytestmark = pytest.mark.integration
 LIVE, BULK = 5_000, 30_000
-
-
-def _send(settings: Settings, topic: str, tag: str, count: int) -> None:
-    features, _ = holdout()
-    sender = RequestProducer(producer=make_producer(settings), topic=topic)
-    for i in range(count):
-        sender.send(digits_request(features[i % len(features)], request_id=f"{tag}-{i}"))
-    assert sender.flush() == 0
 
 
 def test_backfill_waits_while_live_requests_have_a_backlog(
@@ -38,8 +28,8 @@ def test_backfill_waits_while_live_requests_have_a_backlog(
     # two topics: measured here, 24,429 of the 30,000 backfill requests were validated before
     # the last live one. With it, only what was fetched before the first lag reading (a few
     # batches) goes first.
-    _send(settings, settings.topics.requests_backfill, "bulk", BULK)
-    _send(settings, settings.topics.requests, "live", LIVE)
+    send_digits(settings, settings.topics.requests_backfill, [f"bulk-{i}" for i in range(BULK)])
+    send_digits(settings, settings.topics.requests, [f"live-{i}" for i in range(LIVE)])
     stages.start("validate")
 
     codec = Codec(ValidatedRequestV1)
@@ -61,7 +51,7 @@ def test_backfill_enters_only_as_fast_as_downstream_takes_it(
     monkeypatch.setenv("STREAMINFER_PRIORITY_MAX_DOWNSTREAM", str(limit))
     monkeypatch.setenv("STREAMINFER_PRIORITY_MAX_DOWNSTREAM_IDLE", str(limit))
     monkeypatch.setenv("STREAMINFER_BATCH_SIZE", str(batch))
-    _send(settings, settings.topics.requests_backfill, "bulk", bulk)
+    send_digits(settings, settings.topics.requests_backfill, [f"bulk-{i}" for i in range(bulk)])
     for name in ("infer", "persist", "validate"):
         stages.start(name)
     live = Load(settings, count=100_000, rate=100, tag="live").start()  # stopped below

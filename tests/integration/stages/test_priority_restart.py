@@ -16,23 +16,15 @@ import pytest
 from confluent_kafka import Consumer
 
 from kafkaio.offsets import group_backlog
-from kafkaio.produce import RequestProducer, request_headers
+from kafkaio.produce import request_headers
 from schemas import Codec, RequestV1, ValidatedRequestV1
 from streaminfer.kafka import make_consumer, make_producer
 from streaminfer.settings import Settings
-from tests.fixtures import StageProcesses, read_topic, wait_until
+from tests.fixtures import StageProcesses, read_topic, send_digits, wait_until
 from tests.helpers import digits_request, holdout
 
 pytestmark = pytest.mark.integration
 HISTORY, BULK = 2_000, 1_000
-
-
-def _send(settings: Settings, topic: str, tag: str, count: int) -> None:
-    features, _ = holdout()
-    sender = RequestProducer(producer=make_producer(settings), topic=topic)
-    for i in range(count):
-        sender.send(digits_request(features[i % len(features)], request_id=f"{tag}-{i}"))
-    assert sender.flush() == 0
 
 
 def _validate_offsets(settings: Settings) -> Consumer:
@@ -49,7 +41,7 @@ def _wait_consumed(settings: Settings, reader: Consumer, topic: str, timeout_s: 
 
 def _history_consumed_then_restart(settings: Settings, stages: StageProcesses) -> Consumer:
     """Live history on every partition, consumed and committed; validate restarted."""
-    _send(settings, settings.topics.requests, "history", HISTORY)
+    send_digits(settings, settings.topics.requests, [f"history-{i}" for i in range(HISTORY)])
     stages.start("validate")
     reader = _validate_offsets(settings)
     _wait_consumed(settings, reader, settings.topics.requests, 60)
@@ -116,7 +108,7 @@ def test_backfill_flows_after_a_restart_with_a_consumed_live_history(
     settings: Settings, stages: StageProcesses
 ) -> None:
     reader = _history_consumed_then_restart(settings, stages)
-    _send(settings, settings.topics.requests_backfill, "bulk", BULK)
+    send_digits(settings, settings.topics.requests_backfill, [f"bulk-{i}" for i in range(BULK)])
     _wait_consumed(settings, reader, settings.topics.requests_backfill, 90)
     reader.close()
     bulk = {f"bulk-{i}" for i in range(BULK)}
@@ -128,7 +120,7 @@ def test_backfill_flows_with_a_live_trickle_on_one_partition_only(
 ) -> None:
     trickle = Trickle(settings, partition=0, rate=20).start()
     reader = _history_consumed_then_restart(settings, stages)
-    _send(settings, settings.topics.requests_backfill, "bulk", BULK)
+    send_digits(settings, settings.topics.requests_backfill, [f"bulk-{i}" for i in range(BULK)])
     _wait_consumed(settings, reader, settings.topics.requests_backfill, 90)
     live = trickle.stop()
     _wait_consumed(settings, reader, settings.topics.requests, 60)  # live served as well

@@ -7,7 +7,6 @@ served from ``poll``, in any order); the real thing is covered by the integratio
 
 from __future__ import annotations
 
-import io
 import random
 import threading
 import time
@@ -20,14 +19,13 @@ from confluent_kafka import KafkaError
 from backfill.checkpoint import (
     Checkpoint,
     CheckpointStore,
-    RejectReport,
     SourceState,
     read_rejects,
 )
 from backfill.convert import Reject
-from backfill.engine import BackfillRun, Item
-from backfill.pacing import ProgressLine
+from backfill.engine import Item
 from schemas import RequestV1
+from tests.unit.backfill.engine_run import run_engine
 
 
 class ScramblingProducer:
@@ -117,20 +115,7 @@ def run(
         )
     )
     checkpoint.sources = [source.state]
-    rejects = RejectReport(store.rejects_path("bf"))
-    engine = BackfillRun(
-        producer=producer,  # type: ignore[arg-type]
-        topic="t",
-        store=store,
-        checkpoint=checkpoint,
-        rejects=rejects,
-        stop=stop,
-        progress=ProgressLine("bf", out=io.StringIO()),
-        checkpoint_interval_s=0.0,  # save at every tick: as many chances to be wrong as possible
-        drain_timeout_s=5,
-    )
-    outcome = engine.run([source])
-    rejects.close()
+    outcome = run_engine(producer, store, checkpoint, [source], stop=stop, drain_timeout_s=5)
     return outcome, checkpoint, store
 
 

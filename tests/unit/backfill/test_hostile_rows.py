@@ -10,25 +10,22 @@ import random
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from confluent_kafka import KafkaError
 
-from backfill.checkpoint import Checkpoint, CheckpointStore, RejectReport, read_rejects
+from backfill.checkpoint import Checkpoint, CheckpointStore, read_rejects
 from backfill.convert import Chunk, Reject
 from backfill.csvrecords import RecordCutter, TooLarge
-from backfill.engine import BackfillRun, RunOutcome
+from backfill.engine import RunOutcome
 from backfill.files import FileSource, new_file_state
 from backfill.mapping import plan_mapping
-from backfill.pacing import ProgressLine
 from backfill.readers import CsvReader, FileReader, JsonLinesReader, ParquetReader
 from schemas.models import ModelSpec, TensorSpec
+from tests.unit.backfill.engine_run import AckingProducer, run_engine
 
 DIGITS = ModelSpec(
     name="m",
@@ -231,29 +228,6 @@ def test_a_huge_parquet_string_cell_is_a_reject(tmp_path: Path) -> None:
 # --- a whole run ------------------------------------------------------------------------------
 
 
-class AckingProducer:
-    """Acknowledges everything on ``poll`` (the librdkafka delivery-report contract)."""
-
-    def __init__(self, on_produce: Callable[[int], None] = lambda _n: None) -> None:
-        self.pending: list[Callable[[KafkaError | None, Any], None]] = []
-        self.produced = 0
-        self._on_produce = on_produce
-
-    def produce(self, _topic: str, *, on_delivery: Any, **_kw: Any) -> None:
-        self.pending.append(on_delivery)
-        self.produced += 1
-        self._on_produce(self.produced)
-
-    def poll(self, _timeout: float = 0) -> int:
-        served, self.pending = self.pending, []
-        for callback in served:
-            callback(None, None)
-        return len(served)
-
-    def __len__(self) -> int:
-        return len(self.pending)
-
-
 def _run(
     store: CheckpointStore, path: Path, producer: AckingProducer, stop: threading.Event
 ) -> tuple[RunOutcome, Checkpoint]:
@@ -278,19 +252,7 @@ def _run(
         model="m",
         version=None,
     )
-    rejects = RejectReport(store.rejects_path("bf"))
-    engine = BackfillRun(
-        producer=producer,  # type: ignore[arg-type]
-        topic="t",
-        store=store,
-        checkpoint=checkpoint,
-        rejects=rejects,
-        stop=stop,
-        progress=ProgressLine("bf", out=io.StringIO()),
-        checkpoint_interval_s=0.0,
-    )
-    outcome = engine.run([source])
-    rejects.close()
+    outcome = run_engine(producer, store, checkpoint, [source], stop=stop)
     return outcome, checkpoint
 
 

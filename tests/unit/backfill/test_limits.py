@@ -6,11 +6,10 @@ keep librdkafka's contracts)."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,11 +17,10 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
-from backfill.checkpoint import Checkpoint, CheckpointStore, RejectReport, SourceState, read_rejects
+from backfill.checkpoint import Checkpoint, CheckpointStore, SourceState, read_rejects
 from backfill.context import BackfillContext
 from backfill.convert import Reject
-from backfill.engine import BackfillRun, Item, RunOutcome, Source
-from backfill.pacing import ProgressLine
+from backfill.engine import Item, RunOutcome, Source
 from backfill.plan import plan_files, start_run
 from backfill.replay import ReplaySource, window_sources
 from schemas import Codec, Headers, RequestV1, Tensor
@@ -30,32 +28,10 @@ from schemas.validation import PIPELINE_MARGIN_BYTES, request_size_limit
 from streaminfer.cli import build_parser
 from streaminfer.contexts import backfill_context
 from streaminfer.settings import Settings
+from tests.unit.backfill import engine_run
+from tests.unit.backfill.engine_run import AckingProducer
 
 GOOD = json.dumps([1.0] * 64)  # one row for the digits model
-
-
-class RecordingProducer:
-    """Keeps every record; acknowledges all of them on ``poll``."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self._pending: list[Callable[[Any, Any], None]] = []
-
-    def produce(self, topic: str, *, on_delivery: Any, **record: Any) -> None:
-        self.records.append({"topic": topic, **record})
-        self._pending.append(on_delivery)
-
-    def poll(self, _timeout: float = 0) -> int:
-        served, self._pending = self._pending, []
-        for callback in served:
-            callback(None, None)
-        return len(served)
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def headers(self, index: int) -> dict[str, Any]:
-        return dict(self.records[index]["headers"])
 
 
 class FakeMessage:
@@ -136,24 +112,13 @@ def new_checkpoint(kind: str, sources: list[SourceState]) -> Checkpoint:
 
 
 def run_engine(
-    tmp_path: Path, source: Source, producer: RecordingProducer, *, max_request_bytes: int
+    tmp_path: Path, source: Source, producer: AckingProducer, *, max_request_bytes: int
 ) -> tuple[RunOutcome, Checkpoint, CheckpointStore]:
     store = CheckpointStore(tmp_path / "checkpoints")
     checkpoint = new_checkpoint(source.state.kind, [source.state])
-    rejects = RejectReport(store.rejects_path("bf"))
-    engine = BackfillRun(
-        producer=producer,  # type: ignore[arg-type]
-        topic="t",
-        store=store,
-        checkpoint=checkpoint,
-        rejects=rejects,
-        stop=threading.Event(),
-        progress=ProgressLine("bf", out=io.StringIO()),
-        max_request_bytes=max_request_bytes,
-        checkpoint_interval_s=0.0,
+    outcome = engine_run.run_engine(
+        producer, store, checkpoint, [source], max_request_bytes=max_request_bytes
     )
-    outcome = engine.run([source])
-    rejects.close()
     return outcome, checkpoint, store
 
 
@@ -179,7 +144,7 @@ class SizedRows:
 def test_a_request_over_the_pipeline_limit_is_a_reject_and_the_run_goes_on(
     tmp_path: Path,
 ) -> None:
-    producer = RecordingProducer()
+    producer = AckingProducer()
     limit = request_size_limit(PIPELINE_MARGIN_BYTES + 1000)  # ingest's limit, Kafka at +1000
     outcome, checkpoint, store = run_engine(
         tmp_path, SizedRows({3, 7}), producer, max_request_bytes=limit
@@ -204,7 +169,7 @@ def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.Monke
     return monkeypatch
 
 
-def settings_context(producer: RecordingProducer) -> BackfillContext:
+def settings_context(producer: AckingProducer) -> BackfillContext:
     """The backfill context ``main()`` builds, with stand-in Kafka clients."""
     context = backfill_context(Settings())
     return dataclasses.replace(
@@ -228,7 +193,7 @@ def test_the_kafka_record_limit_setting_bounds_a_file_backfill(
         environment.setenv("STREAMINFER_KAFKA_MESSAGE_MAX_BYTES", str(message_max_bytes))
     path = tmp_path / "rows.jsonl"
     path.write_text(f"{GOOD}\n" * 5)
-    producer = RecordingProducer()
+    producer = AckingProducer()
     context = settings_context(producer)
     plan = plan_files(context, backfill_args(str(path), "--model", "digits", "--backfill-id", "b"))
     with start_run(context, plan, stop=threading.Event(), rate=None) as run:
@@ -254,7 +219,7 @@ def test_the_max_row_bytes_setting_reaches_the_readers_on_resume_too(
     assert len(padded) > 2048 > len(GOOD)
     path = tmp_path / "rows.jsonl"
     path.write_text(f"{GOOD}\n{padded}\n{GOOD}\n")
-    context = settings_context(RecordingProducer())
+    context = settings_context(AckingProducer())
     assert context.max_row_bytes == 2048
     for argv in (("--model", "digits"), ("--resume",)):
         plan = plan_files(context, backfill_args(str(path), *argv, "--backfill-id", "b"))
@@ -300,7 +265,7 @@ def test_replay_keeps_each_original_records_tenant(tmp_path: Path) -> None:
         model="m",
         version=None,
     )
-    producer = RecordingProducer()
+    producer = AckingProducer()
     outcome, checkpoint, store = run_engine(tmp_path, source, producer, max_request_bytes=10_000)
     assert outcome.status == "done" and checkpoint.complete
     assert [r["key"] for r in producer.records] == [b"rp:a", b"rp:b", b"rp:d"]

@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from redis.exceptions import RedisError
 from tritonclient.grpc import service_pb2 as triton_pb
 
+from ingest.delivery import Delivery, QueueFull
 from ingest.grpc_v2 import grpc_predict_v2_pb2 as pb
 from ingest.oip import (
+    GRPC_CODES,
+    SERVICE_ERRORS,
     InferRequest,
     InputTensor,
     OipError,
@@ -28,12 +32,14 @@ from ingest.oip import (
     model_metadata,
     model_ready,
     response_from_results,
+    service_error,
     split_rows,
 )
 from ingest.oip_grpc import infer_request_from_proto, infer_response_to_proto
 from ingest.oip_http import infer_response, parse_infer_request
-from ingest.payloads import RequestDecoder, Submission
-from ingest.waiters import DeadLettered, Stored
+from ingest.payloads import BatchTooLarge, RequestDecoder, Submission
+from ingest.service import KafkaUnavailable, Overloaded
+from ingest.waiters import DeadLettered, ResultsUnavailable, Stored
 from schemas import Codec, ResultV1, tensor_from_array, tensor_to_array
 from schemas.models import ModelCatalog, ModelSpec, TensorSpec
 from tests.helpers import MODELS, holdout
@@ -373,3 +379,31 @@ def test_ingest_grpc_port_reaches_the_app_factory(monkeypatch: pytest.MonkeyPatc
     assert config is not None and (config.host, config.port) == ("127.0.0.2", 50123)
     monkeypatch.delenv("STREAMINFER_INGEST_GRPC_PORT")
     assert grpc_config(Settings()) is None
+
+
+_REDIS_DOWN = RedisError("down")  # redis-py's own repr: "server:RedisError"
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "message", "grpc_code"),
+    [
+        (QueueFull("queue full"), 429, "queue full; retry later", "RESOURCE_EXHAUSTED"),
+        (Overloaded("filled", Delivery()), 429, "filled; retry later", "RESOURCE_EXHAUSTED"),
+        (BatchTooLarge("9 requests"), 413, "9 requests", "INVALID_ARGUMENT"),
+        (KafkaUnavailable("no ack", Delivery()), 503, "no ack", "UNAVAILABLE"),
+        (
+            ResultsUnavailable("x"),
+            503,
+            "Redis is unavailable: ResultsUnavailable('x')",
+            "UNAVAILABLE",
+        ),
+        (_REDIS_DOWN, 503, f"Redis is unavailable: {_REDIS_DOWN!r}", "UNAVAILABLE"),
+    ],
+)
+def test_service_errors_answer_the_same_on_both_doors(
+    exc: Exception, status: int, message: str, grpc_code: str
+) -> None:
+    assert isinstance(exc, SERVICE_ERRORS)
+    error = service_error(exc)
+    assert (error.status, error.body()) == (status, {"error": message})
+    assert GRPC_CODES[error.status] == grpc_code

@@ -36,16 +36,13 @@ from stages.plugins import (
     resolve,
 )
 from stages.validate import ValidateStage
-from tests.helpers import MODELS, holdout, record
+from tests.helpers import CANCER, MODELS, cancer_policy, holdout, record
 
 HERE = "tests.unit.stages.test_plugins"
 REQUESTS = Codec(RequestV1)
 VALIDATED = Codec(ValidatedRequestV1)
 RESULTS = Codec(ResultV1)
-CANCER = MODELS / "breast_cancer"
-CANCER_YAML = yaml.safe_load((CANCER / "model.yaml").read_text())
-FEATURES: list[str] = CANCER_YAML["processors"]["validate"][0]["config"]["features"]
-THRESHOLD: float = CANCER_YAML["processors"]["infer"][0]["config"]["threshold"]
+FEATURES, THRESHOLD = cancer_policy()
 
 
 # --- plugins used by the tests (loaded by dotted path and by entry point) ---------------------
