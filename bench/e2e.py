@@ -169,17 +169,17 @@ def _ensure_services(settings: Settings) -> list[str]:
 
 
 def _settings_summary(settings: Settings) -> dict[str, Any]:
-    keys = (
-        "batch_size",
-        "batch_timeout_s",
-        "linger_ms",
-        "txn_max_records",
-        "txn_max_interval_s",
-        "onnx_intra_op_threads",
-        "onnx_allow_spinning",
-        "topic_partitions",
-    )
-    return {k: getattr(settings, k) for k in keys}
+    stage, kafka = settings.stage, settings.kafka
+    return {
+        "batch_size": stage.batch_max_records,
+        "batch_timeout_s": stage.batch_timeout_s,
+        "linger_ms": kafka.linger_ms,
+        "txn_max_records": stage.txn_max_records,
+        "txn_max_interval_s": stage.txn_max_interval_s,
+        "onnx_intra_op_threads": stage.onnx_intra_op_threads,
+        "onnx_allow_spinning": stage.onnx_allow_spinning,
+        "topic_partitions": kafka.topic_partitions,
+    }
 
 
 def _options(options: BenchOptions) -> dict[str, Any]:
