@@ -89,8 +89,10 @@ typecheck: setup monitor-venv
 	$(BIN)/mypy --python-executable $(MONITOR_VENV)/bin/python --strict \
 	  --disable-error-code import-untyped monitor
 
+# Two pytest processes: the tests that load grpc run in their own (see the `grpc` marker).
 pytest: setup monitor-venv
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not grpc"
+	$(BIN)/pytest -m grpc
 
 unit: setup
 	$(BIN)/pytest tests/unit

@@ -15,12 +15,16 @@ def serve(
     port: int,
     workers: int,
     log_config: dict[str, Any] | None = None,
+    loop: str = "auto",
 ) -> int:
     """Serve the app ``factory`` (an import string ``module:function`` returning the app)
     until SIGTERM/SIGINT; uvicorn drains open requests, then the app flushes Kafka.
 
     An import string, not an app: with ``workers`` > 1 each worker process imports it and
-    builds its own app (and Kafka/Redis clients), and serves its own /metrics."""
+    builds its own app (and Kafka/Redis clients), and serves its own /metrics.
+
+    ``loop``: uvicorn's event loop; ``asyncio`` when the gRPC door shares it (grpc.aio
+    supports the standard asyncio loop, not uvloop)."""
     # proxy_headers off: the API listens directly by default, and it saves one middleware
     # layer per request (put a proxy in front and set FORWARDED_ALLOW_IPS if you need it).
     uvicorn.run(
@@ -31,6 +35,7 @@ def serve(
         port=port,
         access_log=False,
         proxy_headers=False,
+        loop=loop,
         log_config=LOGGING_CONFIG if log_config is None else log_config,
     )
     return 0

@@ -57,6 +57,8 @@ def run_ingest(settings: Settings, args: argparse.Namespace) -> int:
         port=port,
         workers=workers,
         log_config=uvicorn_log_config(settings.log_format),  # None: uvicorn's own
+        # grpc.aio runs on the standard asyncio loop, not uvloop
+        loop="auto" if args.grpc_port is None and settings.ingest.grpc_port is None else "asyncio",
     )
 
 

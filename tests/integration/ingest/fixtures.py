@@ -23,7 +23,13 @@ class IngestServer:
 
     def __init__(self, settings: Settings) -> None:
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+            create_app(settings),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            # grpc.aio runs on the standard asyncio loop, not uvloop (as `streaminfer ingest`)
+            loop="asyncio" if settings.ingest.grpc_port is not None else "auto",
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)

@@ -21,7 +21,7 @@ from tests.fixtures import StageProcesses
 from tests.helpers import holdout
 from tests.integration.ingest.fixtures import IngestServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.grpc]
 KEYS = "acme=key-acme,globex=key-globex"
 
 

@@ -44,6 +44,8 @@ from schemas import Codec, ResultV1, tensor_from_array, tensor_to_array
 from schemas.models import ModelCatalog, ModelSpec, TensorSpec
 from tests.helpers import MODELS, holdout
 
+pytestmark = pytest.mark.grpc  # see pyproject's markers
+
 RESULTS = Codec(ResultV1)
 
 
