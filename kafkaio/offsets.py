@@ -8,6 +8,7 @@ are not a count of records.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from confluent_kafka import Consumer, TopicPartition
@@ -63,13 +64,19 @@ def offsets_at(
 
 
 def group_backlog(
-    consumer: Consumer, topic: str, *, timeout_s: float = META_TIMEOUT_S
+    consumer: Consumer,
+    topic: str,
+    *,
+    numbers: Sequence[int] | None = None,
+    timeout_s: float = META_TIMEOUT_S,
 ) -> dict[int, int]:
     """Per partition, offsets the consumer's group has still to commit: end offset minus the
     committed offset. A partition never committed starts at its earliest retained record
     (``auto.offset.reset=earliest``), so all of it counts. Reading committed offsets does not
-    join the group."""
-    parts = [TopicPartition(topic, p) for p in partitions(consumer, topic, timeout_s=timeout_s)]
+    join the group. ``numbers``: the partitions to read (default: all, one metadata request)."""
+    if numbers is None:
+        numbers = partitions(consumer, topic, timeout_s=timeout_s)
+    parts = [TopicPartition(topic, p) for p in numbers]
     backlog: dict[int, int] = {}
     for tp in consumer.committed(parts, timeout=timeout_s) if parts else []:
         low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from kafkaio.offsets import group_backlog, partitions
+
 log = logging.getLogger(__name__)
 
 
@@ -138,21 +140,19 @@ class DownstreamBacklog:
         backlog = 0
         for group, topic in self._watch:
             consumer = self._consumers[group]
-            parts = [TopicPartition(topic, p) for p in self._partitions_of(consumer, topic)]
-            for tp in consumer.committed(parts, timeout=self._timeout_s):
-                low, high = consumer.get_watermark_offsets(tp, timeout=self._timeout_s)
-                # Never committed (a new group) starts from the earliest retained record
-                # (auto.offset.reset=earliest), so all of it is backlog.
-                backlog += max(0, high - (tp.offset if tp.offset >= 0 else low))
+            numbers = self._partitions_of(consumer, topic)
+            lags = group_backlog(consumer, topic, numbers=numbers, timeout_s=self._timeout_s)
+            backlog += sum(lags.values())
         return backlog
 
     def _partitions_of(self, consumer: Consumer, topic: str) -> list[int]:
-        """Read once (partitions are added rarely; a restart picks them up)."""
+        """Read once (this runs every 0.1 s; partitions are added rarely, a restart picks
+        them up)."""
         if topic not in self._partitions:
-            meta = consumer.list_topics(topic, timeout=self._timeout_s).topics[topic]
-            if meta.error is not None:
-                raise RuntimeError(f"{topic}: {meta.error}")
-            self._partitions[topic] = sorted(meta.partitions)
+            found = partitions(consumer, topic, timeout_s=self._timeout_s)
+            if not found:
+                raise RuntimeError(f"{topic}: no such topic")
+            self._partitions[topic] = found
         return self._partitions[topic]
 
 
