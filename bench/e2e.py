@@ -8,17 +8,29 @@ readiness check), then the scenarios: open loop at each ``--rates`` value for
 at the end of the chain, latency ``created_at -> stored_at``, CPU seconds and peak RSS of
 every stage process (and of Kafka, Redis and the load generator, for the CPU breakdown).
 The report goes to ``--out`` (JSON and PNG) and a table to stdout (``bench/report.py``).
+
+Latency is also measured from outside the pipeline (``outside_in_ms`` per scenario): a
+subscriber of the pipeline's Redis notification channels (:class:`Arrivals`) stamps each id
+when it hears of it, and the latency is that arrival time less the request's ``created_at``,
+so it includes what ``stored_at`` does not (the notification's trip, and nothing a stage
+stamps for itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
 import os
 import time
 import uuid
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import redis
 
 from bench.driver import Driver, Measurement
 from bench.options import BenchOptions, ScenarioSpec, options_from_args
@@ -26,6 +38,7 @@ from bench.pipelines import PipelineSpec, ResourceSampler, StageProcesses, servi
 from bench.profile import StageProfiler
 from bench.report import machine_info, summarise, write_outputs
 from schemas import Topics
+from schemas.keys import ResultKeys, ready_ids
 from streaminfer import stack
 from streaminfer.kafka import create_topics
 from streaminfer.settings import Settings
@@ -100,13 +113,16 @@ def run_pipeline(
     procs = StageProcesses(spec=spec, settings=settings, log_dir=log_dir)
     procs.start()
     driver = Driver(settings, topics)
+    arrivals = Arrivals(settings.redis.url.get_secret_value(), ResultKeys(prefix=spec.prefix))
     try:
         _warm_up(driver, procs, options)
         pids = {**procs.pids(), **service_pids(settings), "driver": os.getpid()}
         scenarios = [
-            _measure(driver, procs, pids, scenario, options) for scenario in options.scenarios()
+            _measure(driver, procs, pids, scenario, options, arrivals)
+            for scenario in options.scenarios()
         ]
     finally:
+        arrivals.close()
         driver.close()
         procs.stop()
     return {
@@ -136,6 +152,7 @@ def _measure(
     pids: dict[str, int],
     scenario: ScenarioSpec,
     options: BenchOptions,
+    arrivals: Arrivals,
 ) -> dict[str, Any]:
     profiler = None
     if options.profile and scenario.kind == "closed":
@@ -146,16 +163,109 @@ def _measure(
         usage = sampler.usage()
     procs.check_alive()
     summary = summarise(measurement, usage, load=os.getloadavg())
+    summary["outside_in_ms"] = arrivals.latencies_ms(measurement)
     if profiler is not None:
         summary["profile"] = profiler.stop()
     hops = " ".join(f"{k} {v:.1f}" for k, v in summary["hops_median_ms"].items())
+    outside = summary["outside_in_ms"]
     print(
         f"   {scenario.name:<14} {summary['results_per_s']:>9,.0f} results/s  "
-        f"p99 {summary['latency_ms']['p99']:.1f} ms  lost {summary['lost']}  "
-        f"median ms: {hops}",
+        f"p99 {summary['latency_ms']['p99']:.1f} ms (outside-in {outside['p99']:.1f})  "
+        f"lost {summary['lost']}  median ms: {hops}",
         flush=True,
     )
     return summary
+
+
+class Arrivals:
+    """When each id was announced, as a client of the pipeline hears of it: a process of its
+    own (so the load generator's work never delays a stamp) pattern-subscribed to every
+    tenant's notification channel under the pipeline's prefix.
+
+    Also understands the per-id channels of checkouts before batch notifications
+    (``<prefix>result-ready:<tenant>:<id>``, the id in the channel name), so a ``--variant``
+    of an older commit is measured the same way."""
+
+    def __init__(self, url: str, keys: ResultKeys) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of librdkafka's threads
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_listen, args=(url, keys.prefix, child), name="arrivals", daemon=True
+        )
+        self._process.start()
+        deadline = time.monotonic() + 60
+        while not self._conn.poll(0.2):
+            if not self._process.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("the arrivals subscriber did not subscribe (see above)")
+        self._conn.recv()
+        self.at: dict[str, float] = {}
+
+    def latencies_ms(self, m: Measurement) -> dict[str, float]:
+        """Percentiles of arrival - created_at over the ids ``m`` stored, and how many of them
+        were heard of (``count``)."""
+        self._conn.send("collect")
+        for request_id, at in self._conn.recv().items():
+            self.at.setdefault(request_id, at)  # the first arrival (a replay comes again)
+        arrived = [(self.at.get(i), c) for i, c in zip(m.ids, m.created, strict=True)]
+        ms = np.asarray([(a - c) * 1000.0 for a, c in arrived if a is not None])
+        if not ms.size:
+            return {"count": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+        p50, p99 = np.percentile(ms, [50, 99])
+        return {"count": int(ms.size), "p50": float(p50), "p99": float(p99), "max": float(ms.max())}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send("stop")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+
+
+OLD_CHANNELS = "result-ready:"  # per-id channels, before batch notifications
+
+
+def _listen(url: str, prefix: str, conn: Connection) -> None:
+    """The arrivals process: stamp ids as notifications come; on "collect" send the stamps
+    made since the last one, on "stop" return."""
+    pubsub = redis.Redis.from_url(url).pubsub()
+    batches, per_id = ResultKeys(prefix=prefix).channel_pattern(), f"{prefix}{OLD_CHANNELS}*"
+    pubsub.psubscribe(batches, per_id)
+    confirmed = 0
+    while confirmed < 2:
+        message = pubsub.get_message(timeout=1.0)
+        confirmed += message is not None and message["type"] == "psubscribe"
+    conn.send("subscribed")
+    old_prefix = len(prefix) + len(OLD_CHANNELS)
+    at: dict[str, float] = {}
+    while True:
+        message = pubsub.get_message(timeout=0.05)
+        if message is not None and message["type"] == "pmessage":
+            _stamp(
+                at,
+                message,
+                time.time(),
+                batch=message["pattern"] == batches.encode(),
+                skip=old_prefix,
+            )
+        if conn.poll():
+            if conn.recv() == "stop":
+                return
+            conn.send(at)
+            at = {}
+
+
+def _stamp(
+    at: dict[str, float], message: dict[str, Any], now: float, *, batch: bool, skip: int
+) -> None:
+    if batch:
+        with contextlib.suppress(ValueError):
+            for request_id in ready_ids(message["data"]):
+                at.setdefault(request_id, now)
+        return
+    # <prefix>result-ready:<tenant>:<id>: the tenant segment is percent-encoded (no colon).
+    request_id = message["channel"][skip:].partition(b":")[2]
+    at.setdefault(request_id.decode("utf-8", errors="replace"), now)
 
 
 def _ensure_services(settings: Settings) -> list[str]:

@@ -1,11 +1,12 @@
 """persist: store each result in Redis, then announce it on ``inference.stored``.
 
 Input: ``inference.results`` (``ResultV1``). Output: ``inference.stored`` (``StoredV1``).
-Redis first, offsets after: the batch is written in one pipeline and the stored notices are
-only produced (and offsets committed) once Redis acknowledged. Redis errors are transient
-(:class:`SinkUnavailable`): the runtime rewinds and retries, nothing is dead-lettered. That
-includes Redis refusing writes for lack of memory (OOM): persist waits, counts it
-(``streaminfer_redis_oom_total``) and says what the operator should do.
+Redis first, offsets after: the batch is written in one round trip (a ``SET`` per result, then
+one notification per tenant naming the batch's ids, see :mod:`sinks.redis_store`) and the
+stored notices are only produced (and offsets committed) once Redis acknowledged. Redis
+errors are transient (:class:`SinkUnavailable`): the runtime rewinds and retries, nothing is
+dead-lettered. That includes Redis refusing writes for lack of memory (OOM): persist waits,
+counts it (``streaminfer_redis_oom_total``) and says what the operator should do.
 
 A record that is not a result, or a result that must not be stored (a tensor whose buffer
 does not match its dtype and shape, ``created_at`` not a finite time within a year of now),
@@ -63,6 +64,7 @@ class PersistStage:
         outcome = BatchOutcome.empty()
         accepted: list[tuple[Record, ResultV1, str]] = []
         now = self._clock()
+        add = self._store.add
         for record in batch:
             result = self._decode(record, now=now)
             if isinstance(result, Rejection):
@@ -70,13 +72,18 @@ class PersistStage:
                 continue
             tenant = tenant_of(record.header(Headers.TENANT), self._default_tenant)
             # The original bytes are stored: no re-encoding, and readers get what infer wrote.
-            self._store.add(tenant, result.id, record.value)
+            add(tenant, result.id, record.value)
             accepted.append((record, result, tenant))
         self._flush()
         stored_at = self._clock()
+        prefixes: dict[str, str] = {}  # tenant -> key prefix (quoting a tenant is not free)
+        end_to_end, notice, outputs = self._metrics.end_to_end, self._notice, outcome.outputs
         for record, result, tenant in accepted:
-            self._metrics.end_to_end(stored_at - result.created_at)
-            outcome.outputs.append(self._notice(record, result, tenant, stored_at))
+            end_to_end(stored_at - result.created_at)
+            prefix = prefixes.get(tenant)
+            if prefix is None:
+                prefix = prefixes[tenant] = self._store.keys.key_prefix(tenant)
+            outputs.append(notice(record, result, prefix + result.id, stored_at))
         return outcome
 
     def _decode(self, record: Record, *, now: float) -> ResultV1 | Rejection:
@@ -117,12 +124,12 @@ class PersistStage:
                 command="pipeline", seconds=time.perf_counter() - started, ok=True
             )
 
-    def _notice(self, record: Record, result: ResultV1, tenant: str, stored_at: float) -> Output:
+    def _notice(self, record: Record, result: ResultV1, key: str, stored_at: float) -> Output:
         notice = StoredV1(
             id=result.id,
             model=result.model,
             model_version=result.model_version,
-            key=self._store.keys.key(tenant, result.id),
+            key=key,
             created_at=result.created_at,
             stored_at=stored_at,
             label=result.label,

@@ -1,7 +1,8 @@
 """The chain's domain work, shared by the faust and Quix versions so that only the framework
 differs: the same message Structs (``schemas/``, decoded with msgspec), the same model file
 and ONNX Runtime session options (intra-op threads 1, spinning off) and the same Redis
-writes (pipelined ``SET`` with TTL plus ``PUBLISH``) as ours.
+writes (pipelined ``SET`` with TTL, then one ``PUBLISH`` per batch naming its ids on the
+default tenant's channel, as ours announces a batch) as ours.
 
 Written the way a user of these libraries would: each record validated on its own; inference
 once per batch where the framework hands over a batch (faust ``take``), else per record.
@@ -18,6 +19,7 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
+from schemas.keys import DEFAULT_TENANT, ResultKeys, ready_message
 from schemas.messages import RequestV1, ResultV1, StoredV1, Tensor, ValidatedRequestV1
 
 LABELS = [str(d) for d in range(10)]
@@ -127,9 +129,14 @@ def _tensor(array: Any) -> Tensor:
 
 
 def store_commands(prefix: str, values: list[bytes]) -> tuple[list[tuple[str, bytes]], list[Any]]:
-    """((key, value) to SET and PUBLISH, decoded results) for a batch of results."""
+    """((key, value) to SET, decoded results) for a batch of results."""
     results = [_results.decode(v) for v in values]
     return [(f"{prefix}result:{r.id}", v) for r, v in zip(results, values, strict=True)], results
+
+
+def notification(prefix: str, results: list[Any]) -> tuple[str, bytes]:
+    """(channel, message) announcing a stored batch, as ours does (``schemas/keys.py``)."""
+    return ResultKeys(prefix=prefix).channel(DEFAULT_TENANT), ready_message(r.id for r in results)
 
 
 def notices(prefix: str, results: list[Any]) -> list[bytes]:

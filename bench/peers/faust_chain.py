@@ -62,7 +62,7 @@ def _handlers(args):
         async with client.pipeline(transaction=False) as pipe:
             for key, value in commands:
                 pipe.set(key, value, ex=chain.TTL_S)
-                pipe.publish(key.replace("result:", "result-ready:", 1), value)
+            pipe.publish(*chain.notification(args.prefix, results))
             await pipe.execute()
         return chain.notices(args.prefix, results)
 

@@ -47,7 +47,7 @@ class RedisNoticeSink(BatchingSink):
         pipe = self._redis.pipeline(transaction=False)
         for key, value in commands:
             pipe.set(key, value, ex=chain.TTL_S)
-            pipe.publish(key.replace("result:", "result-ready:", 1), value)
+        pipe.publish(*chain.notification(self._prefix, results))
         pipe.execute()
         for notice in chain.notices(self._prefix, results):
             self._producer.produce(self._topic, value=notice)

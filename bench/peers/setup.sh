@@ -14,14 +14,15 @@ venv="${PEERS_VENV:-$repo/.cache/peers-venv}"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 
-stamp="$venv/.installed-v3"
+stamp="$venv/.installed-v4"
 if [[ -f "$stamp" ]]; then
     echo "peers venv: $venv (up to date)"
     exit 0
 fi
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
-# Same model runtime, codec and Redis client as the product; the peers' own frameworks.
+# Same model runtime, codec and Redis client as the product (pyyaml: schemas/ reads model.yaml);
+# the peers' own frameworks.
 "$venv/bin/pip" install -q \
     "faust-streaming>=0.11" \
     "quixstreams==3.28.*" \
@@ -29,6 +30,7 @@ fi
     "numpy>=1.26" \
     "onnxruntime>=1.18" \
     "redis>=5" \
+    "pyyaml>=6" \
     "cramjam>=2.7"  # aiokafka (faust) compresses with it: lz4, as ours
 touch "$stamp"
 echo "peers venv: $venv ready"

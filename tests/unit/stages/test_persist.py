@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from schemas import Codec, Headers, ResultV1, StoredV1, Tensor, tensor_from_array
-from schemas.keys import ResultKeys
+from schemas.keys import ResultKeys, ready_ids
 from sinks.redis_store import ResultStore
 from stages.errors import SinkUnavailable
 from stages.metrics import NullMetrics
@@ -72,6 +72,22 @@ def test_each_result_is_stored_under_its_records_tenant() -> None:
     # The stored notice keeps the tenant header for whoever reads inference.stored.
     assert (Headers.TENANT, b"acme") in outcome.outputs[0].headers
     assert all(name != Headers.TENANT for name, _ in outcome.outputs[1].headers)
+
+
+def test_a_batch_is_announced_once_per_tenant_after_its_writes() -> None:
+    client = FakeRedis()
+    batch = [
+        result_record("r1", 0, b"acme"),
+        result_record("r2", 1, None),
+        broken_record(2, created_at=math.nan),  # refused: neither stored nor announced
+        result_record("r3", 3, b"acme"),
+    ]
+    outcome = persist_on(client).process(batch)
+    assert len(outcome.rejected) == 1 and len(outcome.outputs) == 3
+    names = [c[0] for c in client.commands]
+    assert names == ["set", "set", "set", "publish", "publish"]
+    announced = {c[1]: ready_ids(c[2]) for c in client.commands if c[0] == "publish"}
+    assert announced == {"p.results-ready:acme": ["r1", "r3"], "p.results-ready:trusted": ["r2"]}
 
 
 @pytest.mark.parametrize(
