@@ -1,22 +1,29 @@
 """How a batch's outputs and offsets become durable: the processing guarantee.
 
 :class:`AtLeastOnceCommitter` produces, waits for every delivery report, then commits the
-consumer offsets: a crash in between replays the batch (duplicates possible, no loss).
+consumer offsets: a crash in between replays the batch (duplicates possible, no loss). With
+``commit_async`` that commit is sent without waiting for its answer (the outputs are already
+acknowledged, so a lost commit only replays); ``commit()`` (revoke, pause) and ``close()``
+commit the latest offsets synchronously.
 
 :class:`TransactionalCommitter` (exactly-once between Kafka stages) produces inside a Kafka
 transaction and adds the consumer offsets to it (``send_offsets_to_transaction`` with the
 consumer's current group metadata), so outputs and offsets commit or abort together;
 ``read_committed`` readers never see aborted outputs. One transaction spans batches until a
-size or time cadence is due. Its ``transactional.id`` is stable per worker slot, so a
-restarted worker fences its zombie and aborts the zombie's open transaction at once. Error
-handling follows librdkafka's ``examples/transactions.c``: retriable -> retry; abortable
-(``txn_requires_abort``) -> abort and raise :class:`TransactionAborted` so the runtime
-rewinds to the committed offsets; fatal or fenced -> recreate the producer, then the same.
+size or time cadence is due, or (``commit_on_drain``) the batch drained the input. A commit
+first waits for the outputs' acknowledgements, then adds the offsets and ends the
+transaction (see :meth:`TransactionalCommitter.commit` for why). Its ``transactional.id`` is
+stable per worker slot, so a restarted worker fences its zombie and aborts the zombie's open
+transaction at once. Error handling follows librdkafka's ``examples/transactions.c``:
+retriable -> retry; abortable (``txn_requires_abort``) -> abort and raise
+:class:`TransactionAborted` so the runtime rewinds to the committed offsets; fatal or fenced
+-> recreate the producer, then the same.
 
 Neither loops forever on a record the producer refuses for its size (the runtime checks
 sizes before, with an estimate; this is the safety net): :func:`produce` raises
 :class:`OutputTooLarge`, so does a delivery report that says so, and the runtime then
-dead-letters the record instead of retrying it.
+dead-letters the record instead of retrying it. Only failed deliveries need reporting:
+the stages' producers set ``delivery.report.only.error`` (streaminfer.kafka).
 """
 
 from __future__ import annotations
@@ -74,12 +81,19 @@ def _watchdog(limit_s: float) -> Iterator[None]:
 class Committer(Protocol):
     """Publishes a batch's outputs and commits its offsets, as one step of the guarantee."""
 
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
-        """Hand over one batch. Raises :class:`DeliveryFailed` (at-least-once: nothing of
-        this batch committed) or :class:`TransactionAborted` (exactly-once: everything since
-        the last commit discarded; rewind to the committed offsets). Either raises
-        :class:`OutputTooLarge` (a TransactionAborted: rewind) for an output the producer
-        refused for its size."""
+    def publish(
+        self,
+        outputs: Sequence[Output],
+        offsets: Sequence[TopicPartition],
+        *,
+        drained: bool = False,
+    ) -> None:
+        """Hand over one batch. ``drained``: the consumer returned fewer records than asked
+        for, so nothing more is waiting (a good moment to commit). Raises
+        :class:`DeliveryFailed` (at-least-once: nothing of this batch committed) or
+        :class:`TransactionAborted` (exactly-once: everything since the last commit
+        discarded; rewind to the committed offsets). Either raises :class:`OutputTooLarge`
+        (a TransactionAborted: rewind) for an output the producer refused for its size."""
         ...
 
     def commit(self) -> None:
@@ -140,7 +154,8 @@ def _message_size(msg: Message) -> int:
 
 
 class AtLeastOnceCommitter:
-    """Produce, wait for every delivery report, then commit offsets synchronously."""
+    """Produce, wait for every delivery report, then commit offsets (synchronously, or
+    with ``commit_async`` without waiting for the answer)."""
 
     def __init__(
         self,
@@ -148,14 +163,25 @@ class AtLeastOnceCommitter:
         producer: Producer,
         consumer: Consumer,
         delivery_timeout_s: float,
+        commit_async: bool = False,
         tracer: StageTracer = NO_TRACING,
     ) -> None:
         self._producer = producer
         self._consumer = consumer
         self._delivery_timeout_s = delivery_timeout_s
+        self._commit_async = commit_async
         self._tracer = tracer
+        # Asynchronous mode: the latest offsets handed to an asynchronous commit, per
+        # partition; commit() commits them synchronously (revoke, pause, close).
+        self._uncertain: dict[tuple[str, int], int] = {}
 
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
+    def publish(
+        self,
+        outputs: Sequence[Output],
+        offsets: Sequence[TopicPartition],
+        *,
+        drained: bool = False,
+    ) -> None:
         failures: list[str] = []
         refused: list[int] = []  # sizes of records the broker refused as too large
 
@@ -173,26 +199,48 @@ class AtLeastOnceCommitter:
         if remaining or failures:
             detail = failures[0] if failures else f"{remaining} records not acknowledged"
             raise DeliveryFailed(f"{len(failures) + remaining} outputs not delivered: {detail}")
-        if offsets:
-            try:
-                with self._tracer.step("commit"):
-                    self._consumer.commit(offsets=list(offsets), asynchronous=False)
-            except KafkaException as exc:
-                # e.g. ILLEGAL_GENERATION mid-rebalance. The outputs are delivered, so nothing
-                # is lost: whoever owns the partition next replays from the last commit.
-                log.warning("offset commit failed (%s); records may be redelivered", exc.args[0])
+        if not offsets:
+            return
+        if self._commit_async:
+            # The outputs are acknowledged; the commit goes out without waiting for its
+            # answer (the next batch does not wait a round trip). A lost answer costs at
+            # most a replay, as a failed synchronous commit does; commit() makes sure.
+            self._uncertain.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+            self._commit_offsets(list(offsets), asynchronous=True)
+        else:
+            self._commit_offsets(list(offsets), asynchronous=False)
+
+    def _commit_offsets(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
+        try:
+            with self._tracer.step("commit"):
+                if asynchronous:
+                    self._consumer.commit(offsets=offsets, asynchronous=True)
+                else:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # e.g. ILLEGAL_GENERATION mid-rebalance. The outputs are delivered, so nothing
+            # is lost: whoever owns the partition next replays from the last commit.
+            log.warning("offset commit failed (%s); records may be redelivered", exc.args[0])
 
     def commit(self) -> None:
-        pass  # every publish already committed
+        """Synchronously commit the offsets that asynchronous commits carried (a no-op
+        in synchronous mode: every publish already committed)."""
+        if self._uncertain:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncertain.items()]
+            self._uncertain.clear()
+            self._commit_offsets(offsets, asynchronous=False)
 
     def commit_due_in(self) -> float | None:
         return None
 
     def abort(self) -> None:
-        pass
+        # Partitions were lost: their offsets are not ours to commit any more. (Dropping the
+        # others' too costs at most a replay; their next batch commits them again.)
+        self._uncertain.clear()
 
     def close(self) -> None:
         self._producer.flush(self._delivery_timeout_s)
+        self.commit()
 
 
 class TransactionalCommitter:
@@ -206,10 +254,12 @@ class TransactionalCommitter:
         max_records: int,
         max_interval_s: float,
         timeout_s: float,
+        commit_on_drain: bool = False,
         metrics: StageMetrics | None = None,
         tracer: StageTracer = NO_TRACING,
     ) -> None:
         self._factory = producer_factory
+        self._commit_on_drain = commit_on_drain
         self._tracer = tracer
         self._metrics: StageMetrics = metrics or NullMetrics()
         self._consumer = consumer
@@ -223,7 +273,13 @@ class TransactionalCommitter:
         self._offsets: dict[tuple[str, int], int] = {}
         self._refused: list[int] = []  # sizes the broker refused in the open transaction
 
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
+    def publish(
+        self,
+        outputs: Sequence[Output],
+        offsets: Sequence[TopicPartition],
+        *,
+        drained: bool = False,
+    ) -> None:
         try:
             if not self._open:
                 self._producer.begin_transaction()
@@ -235,7 +291,11 @@ class TransactionalCommitter:
         for tp in offsets:
             self._offsets[(tp.topic, tp.partition)] = tp.offset
         self._records += len(outputs)
-        if self._records >= self._max_records or self.commit_due_in() == 0.0:
+        if (
+            self._records >= self._max_records
+            or (drained and self._commit_on_drain)
+            or self.commit_due_in() == 0.0
+        ):
             self.commit()
 
     def commit_due_in(self) -> float | None:
@@ -244,13 +304,20 @@ class TransactionalCommitter:
         return max(0.0, self._opened_at + self._max_interval_s - time.monotonic())
 
     def commit(self) -> None:
+        """Flush (every output acknowledged), add the offsets, commit the transaction."""
         if not self._open:
             return
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         started = time.monotonic()
         try:
-            with self._tracer.step("commit"), _watchdog(3 * self._timeout_s):
+            # flush, send_offsets and commit_transaction (retried up to twice its timeout)
+            with self._tracer.step("commit"), _watchdog(4 * self._timeout_s):
                 if offsets:
+                    # Outputs acknowledged first: their partitions are then in the transaction,
+                    # so AddOffsetsToTxn cannot race an AddPartitionsToTxn still in flight (the
+                    # coordinator answers CONCURRENT_TRANSACTIONS and librdkafka retries after
+                    # retry.backoff.ms, 100 ms, doubling). commit_transaction flushes anyway.
+                    self._producer.flush(self._timeout_s)
                     metadata = self._consumer.consumer_group_metadata()
                     self._producer.send_offsets_to_transaction(offsets, metadata, self._timeout_s)
                 self._commit_transaction()

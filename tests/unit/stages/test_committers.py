@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stages.committers import AtLeastOnceCommitter, TransactionalCommitter, produce
 from stages.errors import DeliveryFailed, OutputTooLarge, TransactionAborted
-from stages.records import Output, wire_size
+from stages.records import HeaderList, Output, wire_size
 
 OUT = Output(topic="out", key=b"k", value=b"v", headers=[("h", b"1")])
 OFFSETS = [TopicPartition("in", 0, 10)]
@@ -36,7 +36,7 @@ class DeliveredMessage:
 
     _value: bytes
     _key: bytes | None
-    _headers: list[tuple[str, bytes]]
+    _headers: HeaderList
 
     def value(self) -> bytes:
         return self._value
@@ -44,7 +44,7 @@ class DeliveredMessage:
     def key(self) -> bytes | None:
         return self._key
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> HeaderList:
         return self._headers
 
 
@@ -60,7 +60,9 @@ class Producer:
     stuck: bool = False
     capacity: int = 1000
     queue: list[tuple[Output, Any]] = field(default_factory=list)
-    delivered: list[Output] = field(default_factory=list)
+    delivered: list[Output] = field(default_factory=list)  # and, if transactional, committed
+    in_transaction: list[Output] = field(default_factory=list)  # acknowledged, not committed
+    transactional: bool = False
     calls: list[str] = field(default_factory=list)
     committed_offsets: list[TopicPartition] = field(default_factory=list)
 
@@ -85,6 +87,7 @@ class Producer:
         return self._deliver()
 
     def flush(self, timeout: float) -> int:
+        self.calls.append("flush")
         self._deliver()
         return len(self.queue)
 
@@ -94,7 +97,7 @@ class Producer:
         done, self.queue = self.queue, []
         for output, callback in done:
             if self.delivery_error is None:
-                self.delivered.append(output)
+                (self.in_transaction if self.transactional else self.delivered).append(output)
             if callback is not None:
                 message = DeliveredMessage(output.value, output.key, list(output.headers))
                 callback(self.delivery_error, message)
@@ -102,6 +105,7 @@ class Producer:
 
     def init_transactions(self, timeout: float) -> None:
         self._call("init_transactions")
+        self.transactional = True
 
     def begin_transaction(self) -> None:
         self._call("begin_transaction")
@@ -113,33 +117,45 @@ class Producer:
     def commit_transaction(self, timeout: float) -> None:
         self._call("commit_transaction")
         self._deliver()
+        self.delivered.extend(self.in_transaction)
+        self.in_transaction.clear()
 
     def abort_transaction(self, timeout: float) -> None:
         self._call("abort_transaction")
         self.queue.clear()
+        self.in_transaction.clear()
 
 
 class Consumer:
+    """Records synchronous commits in ``commits``, asynchronous ones in ``sent``."""
+
     def __init__(self, fail_commit: KafkaException | None = None) -> None:
         self.commits: list[list[TopicPartition]] = []
+        self.sent: list[list[TopicPartition]] = []
         self.fail_commit = fail_commit
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> None:
-        assert not asynchronous
         if self.fail_commit is not None:
             raise self.fail_commit
-        self.commits.append(offsets)
+        (self.sent if asynchronous else self.commits).append(offsets)
 
     def consumer_group_metadata(self) -> str:
         return "group-metadata"
 
 
-def at_least_once(producer: Producer, consumer: Consumer | None = None) -> AtLeastOnceCommitter:
+def at_least_once(
+    producer: Producer, consumer: Consumer | None = None, *, commit_async: bool = False
+) -> AtLeastOnceCommitter:
     return AtLeastOnceCommitter(
         producer=producer,  # type: ignore[arg-type]
         consumer=consumer or Consumer(),  # type: ignore[arg-type]
         delivery_timeout_s=0.2,
+        commit_async=commit_async,
     )
+
+
+def offsets(commit: list[TopicPartition]) -> set[tuple[str, int, int]]:
+    return {(tp.topic, tp.partition, tp.offset) for tp in commit}
 
 
 # --- produce -----------------------------------------------------------------------------
@@ -222,6 +238,46 @@ def test_at_least_once_survives_a_failed_offset_commit() -> None:
     assert producer.delivered == [OUT]
 
 
+def test_at_least_once_async_sends_commits_after_delivery_and_commit_makes_sure() -> None:
+    producer, consumer = Producer(), Consumer()
+    committer = at_least_once(producer, consumer, commit_async=True)
+    committer.publish([OUT], [TopicPartition("in", 0, 1)])
+    committer.publish([OUT], [TopicPartition("in", 0, 2), TopicPartition("in", 1, 7)])
+    assert producer.delivered == [OUT, OUT]
+    assert [offsets(c) for c in consumer.sent] == [{("in", 0, 1)}, {("in", 0, 2), ("in", 1, 7)}]
+    assert consumer.commits == [], "nothing waited for"
+    committer.commit()  # e.g. on revoke: the latest offset of every partition, synchronously
+    assert [offsets(c) for c in consumer.commits] == [{("in", 0, 2), ("in", 1, 7)}]
+    committer.commit()
+    assert len(consumer.commits) == 1, "nothing new to make sure of"
+
+
+def test_at_least_once_async_sends_no_commit_when_a_delivery_fails() -> None:
+    producer, consumer = Producer(delivery_error=KafkaError(KafkaError._MSG_TIMED_OUT)), Consumer()
+    committer = at_least_once(producer, consumer, commit_async=True)
+    with pytest.raises(DeliveryFailed):
+        committer.publish([OUT], OFFSETS)
+    committer.close()
+    assert consumer.sent == [] and consumer.commits == []
+
+
+def test_at_least_once_async_close_commits_synchronously() -> None:
+    producer, consumer = Producer(), Consumer()
+    committer = at_least_once(producer, consumer, commit_async=True)
+    committer.publish([OUT], OFFSETS)
+    committer.close()
+    assert [offsets(c) for c in consumer.commits] == [offsets(OFFSETS)]
+
+
+def test_at_least_once_async_forgets_offsets_of_lost_partitions() -> None:
+    consumer = Consumer()
+    committer = at_least_once(Producer(), consumer, commit_async=True)
+    committer.publish([OUT], OFFSETS)
+    committer.abort()  # partitions lost: another member owns them now
+    committer.commit()
+    assert consumer.commits == []
+
+
 # --- exactly-once ------------------------------------------------------------------------
 
 
@@ -239,7 +295,11 @@ class Factory:
 
 
 def transactional(
-    factory: Callable[[], Producer], *, max_records: int = 100, interval_s: float = 60.0
+    factory: Callable[[], Producer],
+    *,
+    max_records: int = 100,
+    interval_s: float = 60.0,
+    commit_on_drain: bool = False,
 ) -> TransactionalCommitter:
     return TransactionalCommitter(
         producer_factory=factory,  # type: ignore[arg-type]
@@ -247,6 +307,7 @@ def transactional(
         max_records=max_records,
         max_interval_s=interval_s,
         timeout_s=1.0,
+        commit_on_drain=commit_on_drain,
     )
 
 
@@ -271,6 +332,36 @@ def test_a_full_transaction_commits_at_once() -> None:
     factory = Factory()
     transactional(factory, max_records=2).publish([OUT, OUT], OFFSETS)
     assert factory.made[0].calls[-1] == "commit_transaction"
+
+
+def test_a_drained_batch_commits_when_commit_on_drain() -> None:
+    factory = Factory()
+    committer = transactional(factory, commit_on_drain=True)
+    committer.publish([OUT], OFFSETS)  # more is waiting: the transaction stays open
+    assert committer.commit_due_in() is not None
+    committer.publish([OUT], OFFSETS, drained=True)
+    assert committer.commit_due_in() is None
+    assert factory.made[0].calls[-1] == "commit_transaction"
+    assert factory.made[0].delivered == [OUT, OUT]
+
+
+def test_a_drained_batch_waits_for_the_cadence_without_commit_on_drain() -> None:
+    factory = Factory()
+    committer = transactional(factory)
+    committer.publish([OUT], OFFSETS, drained=True)
+    assert "commit_transaction" not in factory.made[0].calls
+    assert committer.commit_due_in() is not None
+
+
+def test_a_commit_waits_for_the_outputs_before_adding_the_offsets() -> None:
+    # AddOffsetsToTxn while an AddPartitionsToTxn is in flight is answered
+    # CONCURRENT_TRANSACTIONS, and librdkafka retries it only after retry.backoff.ms.
+    factory = Factory()
+    committer = transactional(factory)
+    committer.publish([OUT], OFFSETS)
+    committer.commit()
+    calls = factory.made[0].calls
+    assert calls[-3:] == ["flush", "send_offsets_to_transaction", "commit_transaction"]
 
 
 def test_a_retriable_commit_error_is_retried() -> None:
