@@ -8,25 +8,40 @@ never an exception that stops the stage.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 from confluent_kafka import Message, TopicPartition
 
 from stages.pauses import Partition
 from stages.records import Record, Rejection
 
+Headers = tuple[tuple[str, bytes], ...]
+
 
 def to_record(message: Message) -> Record:
     """The :class:`Record` of a consumed message. Raises for messages that cannot be read:
-    confluent-kafka decodes header names as UTF-8 and raises when one is not."""
-    raw = message.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    headers = tuple((k, _header_bytes(v)) for k, v in pairs)
-    return _record(message, headers, message.timestamp()[1])
+    confluent-kafka decodes header names as UTF-8 and raises when one is not.
+
+    Per record, so cheap: the consumer's ``(name, bytes)`` header pairs are kept as they are
+    (only a header without a value, None, is rebuilt as ``b""``)."""
+    raw = message.headers()
+    pairs = tuple(raw.items() if isinstance(raw, dict) else raw) if raw else ()
+    for pair in pairs:
+        if pair.__class__ is not tuple or pair[1].__class__ is not bytes:  # None: rebuild all
+            headers = tuple((k, _header_bytes(v)) for k, v in pairs)
+            return _record(message, headers, message.timestamp()[1])
+    return Record(
+        message.topic() or "",
+        message.partition() or 0,
+        message.offset() or 0,
+        message.key(),
+        message.value() or b"",
+        cast(Headers, pairs),  # (str, bytes) tuples: checked above
+        message.timestamp()[1],
+    )
 
 
-def _record(
-    message: Message, headers: tuple[tuple[str, bytes], ...] = (), timestamp_ms: int = 0
-) -> Record:
+def _record(message: Message, headers: Headers = (), timestamp_ms: int = 0) -> Record:
     """The record of ``message``; without ``headers`` when they cannot be read."""
     return Record(
         topic=message.topic() or "",
@@ -64,7 +79,8 @@ def next_offsets(batch: Iterable[Record]) -> list[TopicPartition]:
     last: dict[Partition, int] = {}
     for record in batch:
         key = (record.topic, record.partition)
-        last[key] = max(last.get(key, -1), record.offset)
+        if last.get(key, -1) < record.offset:
+            last[key] = record.offset
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import replace
 from typing import Final, get_args
+
+from msgspec.structs import replace
 
 from schemas import Headers
 from schemas.validation import DLQ_ERROR_MAX_CHARS
@@ -23,7 +24,8 @@ DOWNSTREAM_REASONS: Final = PIPELINE_REASONS | {"malformed", "too_large"}
 def dlq_output(
     rejection: Rejection, *, stage: str, dlq_topic: str, max_bytes: int | None = None
 ) -> Output:
-    """The rejected record's original key, value and headers, plus the ``dlq.*`` headers.
+    """The rejected record's original key, value and headers, plus the ``dlq.*`` headers
+    (``dlq.stage``: the rejection's own stage when it names one, else ``stage``).
 
     When that would exceed ``max_bytes`` (see :func:`~stages.records.wire_size`), the value
     is cut to fit and ``dlq.truncated`` gives its original length; if the original headers
@@ -32,7 +34,7 @@ def dlq_output(
     """
     record = rejection.record
     dlq_headers: HeaderList = [
-        (Headers.DLQ_STAGE, stage.encode()),
+        (Headers.DLQ_STAGE, (rejection.stage or stage).encode()),
         (Headers.DLQ_REASON, rejection.reason.encode()),
         (Headers.DLQ_ERROR, rejection.detail[:DLQ_ERROR_MAX_CHARS].encode(errors="replace")),
         (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),

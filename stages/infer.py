@@ -25,15 +25,15 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from schemas import Codec, DecodeError, ResultV1, Tensor, ValidatedRequestV1, tensor_from_array
 from schemas.messages import SCHEMA_NAMES, DType
-from schemas.models import ModelSpec
+from schemas.models import ModelSpec, TensorSpec
 from schemas.tensors import tensor_to_array
 from schemas.validation import Invalid, check_inputs, numerically_clean
 from stages.fleet import Lease, ModelFleet, ModelPlan
@@ -47,10 +47,10 @@ _SCHEMA = SCHEMA_NAMES[ResultV1]
 Arrays = dict[str, npt.NDArray[Any]]
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(msgspec.Struct, frozen=True, gc=False):
     """One request in a model-version run: a primary (its result goes to
-    ``inference.results``) or a shadow twin (to ``inference.shadow``)."""
+    ``inference.results``) or a shadow twin (to ``inference.shadow``). A Struct, not a frozen
+    dataclass: one per record, and a Struct is built several times faster."""
 
     record: Record
     request: ValidatedRequestV1
@@ -156,6 +156,8 @@ class InferStage:
     ) -> str | Rejection:
         """The version named by the request if it is loaded; else the routing's choice."""
         if request.model_version is None:
+            if len(plan.routes) == 1:  # one version takes everything: no key to hash
+                return plan.routes[0][1]
             return plan.route(record.key or request.id.encode())
         if request.model_version in plan.versions:
             return request.model_version
@@ -200,7 +202,7 @@ class InferStage:
 
     def _run(self, plan: ModelPlan, version: str, requests: list[ValidatedRequestV1]) -> Applied:
         """The model's processors around its session (just the session without any)."""
-        feeds = {i.name: _stacked(requests, i.name, len(requests)) for i in plan.spec.inputs}
+        feeds = {i.name: _stacked(requests, i) for i in plan.spec.inputs}
         return self._processors.around(
             plan.spec, Batch(requests, feeds), lambda ready: self._session_run(plan, version, ready)
         )
@@ -268,7 +270,14 @@ def _input_problems(
 def _times_problem(request: ValidatedRequestV1) -> str | None:
     """Why the request's times are unusable (not finite numbers poison every latency
     computed from them), or None."""
-    for name, value in (("created_at", request.created_at), ("deadline", request.deadline)):
+    deadline = request.deadline
+    if (
+        math.isfinite(request.created_at)
+        and math.isfinite(request.validated_at)
+        and (deadline is None or math.isfinite(deadline))
+    ):
+        return None  # the usual case, without building the loop below
+    for name, value in (("created_at", request.created_at), ("deadline", deadline)):
         if value is not None and not math.isfinite(value):
             return f"{name} must be finite, got {value!r}"
     if not math.isfinite(request.validated_at):
@@ -276,10 +285,17 @@ def _times_problem(request: ValidatedRequestV1) -> str | None:
     return None
 
 
-def _stacked(requests: list[ValidatedRequestV1], name: str, padded: int) -> npt.NDArray[Any]:
-    """The batch of input ``name``; padded to ``padded`` rows by repeating the last one
-    (``preferred_batch_sizes``: the session only ever sees those batch sizes)."""
-    return _padded(np.stack([tensor_to_array(r.inputs[name]) for r in requests]), padded)
+def _stacked(requests: list[ValidatedRequestV1], spec: TensorSpec) -> npt.NDArray[Any]:
+    """The batch of input ``spec.name``: the requests' buffers joined and read as one array
+    (one numpy call per batch, not three per request). Every request's tensor was checked
+    against ``spec`` when it was admitted (:func:`_input_problems`); should the joined size
+    still not fit, each is read on its own, which raises for the one that does not."""
+    tensors = [r.inputs[spec.name] for r in requests]
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    joined = bytearray().join([t.data for t in tensors])  # a bytearray: the array is writable
+    if len(joined) != len(tensors) * math.prod(spec.shape) * dtype.itemsize:
+        return np.stack([tensor_to_array(t) for t in tensors])
+    return np.frombuffer(joined, dtype=dtype).reshape((len(tensors), *spec.shape))
 
 
 def _padded(stacked: npt.NDArray[Any], padded: int) -> npt.NDArray[Any]:

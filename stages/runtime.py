@@ -34,6 +34,17 @@ aborts it. Whenever what was published since the last commit is discarded
 to its committed offset before it consumes on. Shutdown (``stop`` set, e.g. by SIGTERM)
 finishes the batch in hand, commits and closes the consumer, which leaves the group at once.
 
+The heap
+--------
+A worker's heap is mostly what it built at start-up (modules, the models' contracts and
+sessions): tens of thousands of objects that never die but that every full collection of
+the garbage collector scans (about 50 ms on a loaded 2-core box: a stall every few thousand
+records). While :meth:`StageRunner.run` runs, :func:`settled_heap` keeps that heap out of
+the collector's sight (``gc.freeze()``) and lets a batch's objects die by reference counting
+before a collection looks at them (a first-generation threshold of tens of thousands of
+allocations instead of 700, above what a batch keeps alive). Per :class:`HeapPolicy`; see
+the bench README's tuning log.
+
 Pauses
 ------
 Partitions are paused for two reasons: the back-off after a transient failure
@@ -44,12 +55,14 @@ what: a partition is resumed only when no reason holds it any more.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Final, Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -86,6 +99,55 @@ _IDLE_WAIT_S = 0.1
 _MIN_RECORD_BYTES = 1024
 
 
+@dataclass(frozen=True, slots=True)
+class HeapPolicy:
+    """How :func:`settled_heap` sets the garbage collector up while a runner runs.
+
+    ``freeze``: move everything alive when the loop starts to the permanent generation, which
+    collections never scan. ``gen0_per_record`` (at least ``gen0_min``): allocations between
+    two young collections, per record of a full batch. A batch of N records keeps about 15 N
+    container objects alive until it is published; Python's default threshold (700) starts a
+    few collections per batch, each scanning the batch in hand and promoting it towards the
+    old generations, which brings the next full collection closer. Above the batch's peak,
+    a collection only starts when objects pile up (reference cycles), and then scans those.
+    ``gen0_per_record=0`` keeps the current threshold.
+    """
+
+    freeze: bool = True
+    gen0_per_record: int = 40
+    gen0_min: int = 50_000
+
+    def gen0_threshold(self, batch_size: int) -> int | None:
+        if self.gen0_per_record <= 0:
+            return None
+        return max(self.gen0_min, self.gen0_per_record * batch_size)
+
+
+DEFAULT_HEAP_POLICY: Final = HeapPolicy()
+
+
+@contextmanager
+def settled_heap(policy: HeapPolicy | None, batch_size: int) -> Iterator[None]:
+    """Apply ``policy`` for batches of ``batch_size`` (None: leave the collector alone) for
+    the block, then undo it."""
+    if policy is None:
+        yield
+        return
+    previous = gc.get_threshold()
+    gc.collect()  # what start-up left as garbage is not worth freezing
+    if policy.freeze:
+        gc.freeze()
+    gen0 = policy.gen0_threshold(batch_size)
+    if gen0 is not None:
+        gc.set_threshold(gen0, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        if policy.freeze:
+            gc.unfreeze()
+
+
 class Stage(Protocol):
     """One pipeline step. Implementations: ``stages.validate``, ``stages.infer``,
     ``stages.persist``."""
@@ -105,7 +167,8 @@ class StageRunner:
     :meth:`run` runs: whoever builds the runner starts and stops there what the runner
     needs alongside it (the downstream reading thread). ``max_record_bytes`` is the
     producer's maximum record size; ``clock`` is monotonic seconds. ``tracer`` records a
-    span per batch step (:mod:`stages.tracing`; default: none).
+    span per batch step (:mod:`stages.tracing`; default: none). ``heap`` is how the garbage
+    collector is set up while :meth:`run` runs (see :class:`HeapPolicy`; None: untouched).
     """
 
     def __init__(
@@ -127,6 +190,7 @@ class StageRunner:
         running: AbstractContextManager[object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         tracer: StageTracer = NO_TRACING,
+        heap: HeapPolicy | None = DEFAULT_HEAP_POLICY,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -144,6 +208,7 @@ class StageRunner:
         self._running = running or nullcontext()
         self._clock = clock
         self._tracer = tracer
+        self._heap = heap
         self._pauses = Pauses(consumer)
         self._live_lag = LiveLagReader(consumer)
         self._gauges = AssignmentGauges(consumer, self._metrics)
@@ -165,7 +230,8 @@ class StageRunner:
         )
         log.info("%s: consuming %s", self._stage.name, ", ".join(self._input_topics))
         try:
-            with self._running:
+            # The heap is settled after start-up, once the models are loaded.
+            with self._running, settled_heap(self._heap, self._batch_size):
                 while not stop.is_set():
                     self.run_once()
         finally:
@@ -177,7 +243,10 @@ class StageRunner:
         """Consume, process and publish one batch; returns the number of records consumed."""
         self._resume_if_due()
         consume_started_ns = time.time_ns()
-        messages = [m for m in self._consume() if self._usable(m)]
+        consumed = self._consume()
+        messages = [m for m in consumed if m.error() is None]
+        if len(messages) < len(consumed):  # rare: say what each error is (or fail)
+            messages = [m for m in consumed if self._usable(m)]
         if self._rewind_due:  # discarded since the last commit: replay from committed offsets
             self._rewind_to_committed()
             return 0
@@ -191,7 +260,9 @@ class StageRunner:
         try:
             trace = self._tracer.batch(records, consume_started_ns=consume_started_ns)
             with self._rewind_on_abort(), trace:
-                self._handle(records, unreadable, trace)
+                # Fewer than asked: nothing more is waiting (the committer may commit now).
+                drained = len(messages) < self._batch_size
+                self._handle(records, unreadable, trace, drained=drained)
         except (SinkUnavailable, DeliveryFailed) as exc:
             self._retry_later([*records, *(r.record for r in unreadable)], exc)
         else:
@@ -201,7 +272,12 @@ class StageRunner:
         return len(messages)
 
     def _handle(
-        self, records: list[Record], unreadable: list[Rejection], trace: BatchTrace
+        self,
+        records: list[Record],
+        unreadable: list[Rejection],
+        trace: BatchTrace,
+        *,
+        drained: bool = False,
     ) -> None:
         outcome = BatchOutcome(outputs=[], rejected=list(unreadable))
         if records:
@@ -213,7 +289,7 @@ class StageRunner:
         offsets = next_offsets([*records, *(r.record for r in unreadable)])
         trace.outcome(outcome)  # before producing: outputs name their record's span
         with trace.step("produce"):
-            self._committer.publish(outcome.outputs + dead, offsets)
+            self._committer.publish(outcome.outputs + dead, offsets, drained=drained)
         self._metrics.records_out(len(outcome.outputs))
         for rejection in outcome.rejected:
             self._metrics.dead_lettered(rejection.reason)

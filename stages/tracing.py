@@ -18,6 +18,10 @@ cost of a small record; these are made only for records whose trace is sampled):
   linked to the batch span; its outputs' ``traceparent`` names it, so the next stage's span
   is its child and one request is one trace: ingest -> validate -> infer -> persist.
 
+A stage makes its outputs with the record's own ``traceparent``
+(:func:`stages.records.output_headers`): a hop that records no span (tracing off, or an
+unsampled record) draws no id and leaves the parent to whichever hop records next.
+
 Logs: :func:`record_trace_id` is the trace id of the one record in hand (the runtime's
 record-at-a-time replay), for the JSON log formatter.
 """

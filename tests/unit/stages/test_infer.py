@@ -291,3 +291,28 @@ def test_preferred_batch_sizes_pad_the_run_and_return_only_real_rows(tmp_path: P
     outcome = stage.process(_keyed(features, 70, keys=70))
     assert len(outcome.outputs) == 70 and outcome.rejected == []
     assert registry.batch_sizes == [64, 8]  # 64 (max_batch_size), then 6 rows padded to 8
+
+
+def test_the_batch_reaches_the_session_as_one_writable_array_row_for_row() -> None:
+    seen: list[np.ndarray] = []
+
+    class Capturing(ModelRegistry):
+        def open_session(self, name: str, version: str, **options: Any) -> Any:
+            real = super().open_session(name, version, **options)
+
+            class Session:
+                def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+                    seen.append(feeds["input"])
+                    return real.run(names, feeds)
+
+            return Session()
+
+    features, _ = holdout()
+    stage = InferStage(registry=Capturing(root=MODELS), output_topic="results", clock=lambda: 3.0)
+    batch = [record(_validated(x, i), offset=i) for i, x in enumerate(features[:7])]
+    stage.process(batch[:1])  # loads the fleet
+    seen.clear()
+    assert stage.process(batch).rejected == []
+    [stacked] = seen
+    np.testing.assert_array_equal(stacked, features[:7])
+    assert stacked.dtype == np.float32 and stacked.flags.writeable  # a processor may write it

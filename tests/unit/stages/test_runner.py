@@ -161,10 +161,14 @@ class Committer:
     fail_publish: list[Exception] = field(default_factory=list)
     fail_commit: list[Exception] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    drained: list[bool] = field(default_factory=list)  # per publish: did the batch drain?
     transactional: bool = False
 
-    def publish(self, outputs: Sequence[Output], offsets: Sequence[TopicPartition]) -> None:
+    def publish(
+        self, outputs: Sequence[Output], offsets: Sequence[TopicPartition], *, drained: bool = False
+    ) -> None:
         self.calls.append("publish")
+        self.drained.append(drained)
         if self.fail_publish:
             self.abort()
             raise self.fail_publish.pop(0)
@@ -291,6 +295,12 @@ def test_batches_are_published_with_their_offsets() -> None:
     s.run(3)
     assert s.values() == [b"a", b"b", b"c", b"d"]
     assert s.consumer.committed_offsets == {(IN, 0): 4}
+
+
+def test_the_committer_hears_whether_a_batch_drained_the_input() -> None:
+    s = setup({(IN, 0): messages(IN, 0, [b"a", b"b", b"c", b"d"])}, batch_size=3)
+    s.run(2)  # a full batch (more may be waiting), then the rest
+    assert s.committer.drained == [False, True]
 
 
 def test_a_sink_outage_pauses_and_replays_the_batch_after_the_back_off() -> None:
