@@ -1,7 +1,11 @@
 """The pipelines under test, each as three stage processes (validate, infer, persist), and
 the sampler that reads their CPU time and RSS.
 
-* ``ours``: ``streaminfer stage NAME`` (one worker each), guarantee from the environment.
+* ``ours``: ``streaminfer stage NAME`` (one worker each), guarantee from the environment;
+  the topology too (``STREAMINFER_STAGE_TOPOLOGY``, e.g. ``--variant
+  fused:STREAMINFER_STAGE_TOPOLOGY=fused``): in the fused one, a single process ``fused``,
+  or ``BENCH_FUSED_PROCESSES=N`` members of its group (``fused``, ``fused-2``, ...; one
+  Python process uses one core, the three split stages use more).
 * ``faust`` / ``quix``: the same chain written with faust-streaming / Quix Streams
   (``bench/peers/``), run with the peers' own virtualenv (``bench/peers/setup.sh``).
 
@@ -23,6 +27,7 @@ import psutil
 from streaminfer.settings import REPO_ROOT, Settings
 
 STAGES = ("validate", "infer", "persist")
+FUSED = ("fused",)  # ours, in the fused topology
 PEERS_DIR = REPO_ROOT / "bench" / "peers"
 PEERS_PYTHON = REPO_ROOT / ".cache" / "peers-venv" / "bin" / "python"
 
@@ -41,6 +46,15 @@ class PipelineSpec:
     def label(self) -> str:
         name = f"{self.name}[{self.variant}]" if self.variant else self.name
         return f"{name} ({self.guarantee})"
+
+
+def pipeline_stages(spec: PipelineSpec, env: dict[str, str]) -> tuple[str, ...]:
+    """The stage processes of ``spec`` run with ``env`` (its topology, for ours), by name:
+    ``<stage>`` or ``<stage>-<member>`` for a further member of the stage's group."""
+    if spec.name == "ours" and env.get("STREAMINFER_STAGE_TOPOLOGY", "").strip() == "fused":
+        members = int(env.get("BENCH_FUSED_PROCESSES", "1"))
+        return (*FUSED, *(f"{FUSED[0]}-{k}" for k in range(2, members + 1)))
+    return STAGES
 
 
 def stage_command(spec: PipelineSpec, settings: Settings, stage: str) -> list[str]:
@@ -73,7 +87,8 @@ def stage_command(spec: PipelineSpec, settings: Settings, stage: str) -> list[st
 
 @dataclass
 class StageProcesses:
-    """The three stage processes of one pipeline; logs in ``log_dir``."""
+    """The stage processes of one pipeline (three, or ours fused: one); logs in
+    ``log_dir``."""
 
     spec: PipelineSpec
     settings: Settings
@@ -96,15 +111,17 @@ class StageProcesses:
         # working directory: keep it in the scratch directory, out of the checkout.
         default_cwd = REPO_ROOT if self.spec.name == "ours" else self.log_dir
         cwd = env.pop("CWD", str(default_cwd))
-        for stage in STAGES:
-            log = (self.log_dir / f"{self.spec.name}-{stage}.log").open("ab")
-            self.procs[stage] = subprocess.Popen(
+        for name in pipeline_stages(self.spec, env):
+            stage, _, member = name.partition("-")
+            log = (self.log_dir / f"{self.spec.name}-{name}.log").open("ab")
+            self.procs[name] = subprocess.Popen(
                 stage_command(self.spec, self.settings, stage),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=cwd,
-                env=env,
+                # Members side by side need transactional.ids of their own.
+                env={**env, "STREAMINFER_WORKER_ID": member} if member else env,
             )
 
     def pids(self) -> dict[str, int]:
@@ -151,6 +168,7 @@ class ResourceSampler:
 
     def __enter__(self) -> ResourceSampler:
         self._cpu0 = {name: _cpu(p) for name, p in self._procs.items()}
+        self._cpu_last = dict(self._cpu0)  # a process that exits keeps what it had used
         self._rss = dict.fromkeys(self._procs, 0.0)
         self._thread.start()
         return self
@@ -161,7 +179,10 @@ class ResourceSampler:
 
     def usage(self) -> dict[str, Usage]:
         return {
-            name: Usage(cpu_s=_cpu(p) - self._cpu0[name], rss_max_mb=self._rss[name])
+            name: Usage(
+                cpu_s=max(_cpu(p), self._cpu_last[name]) - self._cpu0[name],
+                rss_max_mb=self._rss[name],
+            )
             for name, p in self._procs.items()
         }
 
@@ -173,6 +194,7 @@ class ResourceSampler:
                 except psutil.Error:
                     continue
                 self._rss[name] = max(self._rss[name], rss)
+                self._cpu_last[name] = max(self._cpu_last[name], _cpu(proc))
 
 
 def _cpu(proc: psutil.Process) -> float:

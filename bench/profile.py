@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.pipelines import STAGES
+from bench.pipelines import FUSED, STAGES
 
 
 class StageProfiler:
     """``py-spy record -f raw`` attached to each stage pid until :meth:`stop`."""
 
     def __init__(self, pids: dict[str, int], out_dir: Path, label: str) -> None:
-        self._pids = {s: pids[s] for s in STAGES if s in pids}
+        self._pids = {s: pid for s, pid in pids.items() if s.partition("-")[0] in (*STAGES, *FUSED)}
         self._out_dir = out_dir
         self._label = label.replace(" ", "_").replace("(", "").replace(")", "")
         self._procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -12,7 +12,7 @@ from backfill.cli import add_parsers as add_backfill_parsers
 from streaminfer.logs import configure as configure_logging
 from streaminfer.models_cli import add_parsers as add_models_parsers
 from streaminfer.settings import Settings
-from streaminfer.wiring import STAGE_NAMES
+from streaminfer.wiring import ALL_STAGE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start the local stack (Kafka, Redis, topics, stages)")
+    up = sub.add_parser(
+        "up",
+        help="start the local stack (Kafka, Redis, topics, the stages of "
+        "STREAMINFER_STAGE_TOPOLOGY: validate, infer, persist; or fused)",
+    )
     up.add_argument("--workers", type=int, default=1, help="members per stage (default 1)")
     up.add_argument("--wait", action="store_true", help="wait until every stage has joined")
     up.add_argument(
@@ -50,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = topics_sub.add_parser("create", help="create the pipeline's topics (idempotent)")
     create.add_argument("--partitions", type=int, default=None)
 
-    stage = sub.add_parser("stage", help="run one stage as N consumer-group members")
-    stage.add_argument("name", choices=STAGE_NAMES)
+    stage = sub.add_parser(
+        "stage",
+        help="run one stage as N consumer-group members (fused: validate, infer and persist "
+        "in one process, the fused topology)",
+    )
+    stage.add_argument("name", choices=ALL_STAGE_NAMES)
     stage.add_argument("--workers", type=int, default=1, help="member processes (default 1)")
     stage.add_argument(
         "--supervise",
@@ -142,12 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from streaminfer import stack
 
-    stack.up(
-        settings,
-        workers=args.workers,
-        monitoring=args.monitoring,
-        prometheus_port=args.prometheus_port,
-    )
+    try:
+        stack.up(
+            settings,
+            workers=args.workers,
+            monitoring=args.monitoring,
+            prometheus_port=args.prometheus_port,
+        )
+    except stack.TopologyConflict as exc:
+        print(f"streaminfer up: {exc}", file=sys.stderr)
+        return 1
     if args.wait:
         stack.wait_for_stages(settings)
         print("every stage joined its group")

@@ -158,6 +158,12 @@ class StageSettings(BaseSettings):
         ),
         description="exactly-once: Kafka transactions between stages; at-least-once: faster",
     )
+    topology: Literal["split", "fused"] = Field(
+        default="split",
+        description="split: validate, infer and persist run as three groups, each scaled on "
+        "its own; fused: one group (`stage fused`) runs all three on each batch, one "
+        "transaction per commit (README: Topologies)",
+    )
     batch_max_records: int = Field(
         default=500,
         ge=1,
@@ -189,6 +195,28 @@ class StageSettings(BaseSettings):
         gt=0,
         validation_alias=_env("STREAMINFER_STAGE_TXN_TIMEOUT_S", "STREAMINFER_TXN_TIMEOUT_S"),
         description="the broker aborts a transaction left open this long",
+    )
+    txn_commit_on_drain: bool = Field(
+        default=True,
+        description="...or as soon as a batch drains the input (the consumer returned fewer "
+        "records than asked for): below saturation a record does not wait for the interval",
+    )
+    txn_retry_backoff_ms: int = Field(
+        default=100,
+        ge=1,
+        description="retry.backoff.ms of the transactional producers: librdkafka waits this "
+        "(doubling, up to retry.backoff.max.ms) before retrying AddOffsetsToTxn after a "
+        "CONCURRENT_TRANSACTIONS answer",
+    )
+    txn_retry_backoff_max_ms: int = Field(
+        default=1000,
+        ge=1,
+        description="...and at most this (retry.backoff.max.ms)",
+    )
+    commit_async: bool = Field(
+        default=True,
+        description="at-least-once: commit a batch's offsets without waiting for the answer, "
+        "once its outputs are acknowledged (a synchronous commit on revoke and shutdown)",
     )
     worker_id: str = Field(
         default="",

@@ -1,4 +1,6 @@
-"""The local stack: Kafka and Redis (via ``ops/`` scripts), topics, and the three stages.
+"""The local stack: Kafka and Redis (via ``ops/`` scripts), topics, and the stages of the
+configured topology (validate, infer and persist; or ``fused`` alone, see
+:func:`streaminfer.wiring.topology_stages`).
 
 ``up`` is idempotent: it starts whatever is not running and leaves the rest alone. Kafka is
 not started when ``KAFKA_BOOTSTRAP_SERVERS`` is set, nor Redis when ``REDIS_URL`` is: those
@@ -24,7 +26,7 @@ from confluent_kafka.admin import AdminClient
 from streaminfer import monitoring as monitor
 from streaminfer.kafka import create_topics, make_admin
 from streaminfer.settings import REPO_ROOT, Settings
-from streaminfer.wiring import STAGE_NAMES, StageName, input_topics
+from streaminfer.wiring import ALL_STAGE_NAMES, StageName, input_topics, topology_stages
 
 OPS = REPO_ROOT / "ops"
 INGEST = "ingest"  # the HTTP API process, managed like a stage (pid file and log in run_dir)
@@ -65,6 +67,10 @@ REDIS = Service("redis", OPS / "redis" / "redis.sh")
 SERVICES = (KAFKA, REDIS)
 
 
+class TopologyConflict(RuntimeError):
+    """Stages of another topology are running: both would process every request."""
+
+
 def _ops_env(settings: Settings) -> dict[str, str]:
     # The scripts read their ports from the environment: pass what Settings read (a .env too).
     return {
@@ -89,6 +95,7 @@ def up(
     """Start whatever is not running; returns the names of what this call started. With
     ``monitoring``, every stage serves metrics on ports of its own, is listed as a scrape
     target, and a local Prometheus scrapes them (streaminfer/monitoring.py)."""
+    check_topology(settings)  # before anything starts
     started: list[str] = []
     for service in SERVICES:
         if not service.managed(settings):
@@ -101,7 +108,7 @@ def up(
     for topic, outcome in create_topics(settings).items():
         if outcome == "created":
             echo(f"topic {topic}: created")
-    for name in STAGE_NAMES:
+    for name in topology_stages(settings):
         if _stage_pid(settings, name) is None:
             _spawn_stage(settings, name, workers, monitoring=monitoring)
             started.append(name)
@@ -122,6 +129,19 @@ def up(
     return started
 
 
+def check_topology(settings: Settings) -> None:
+    """Raise :class:`TopologyConflict` when a stage outside the configured topology runs
+    (the topology was switched without a ``down``): validate and fused both consume
+    ``inference.requests``, each in its own group, so every request would be served twice."""
+    wanted = topology_stages(settings)
+    stray = [n for n in ALL_STAGE_NAMES if n not in wanted and _stage_pid(settings, n)]
+    if stray:
+        raise TopologyConflict(
+            f"stage {', '.join(stray)} running, but the topology is {settings.stage.topology} "
+            f"({', '.join(wanted)}): run `streaminfer down` first"
+        )
+
+
 def down(
     settings: Settings,
     *,
@@ -130,11 +150,11 @@ def down(
 ) -> None:
     """Stop the ingest API, the stages (drain first), Prometheus, then Redis and Kafka;
     ``only`` limits what is stopped."""
-    every = {INGEST, *STAGE_NAMES, PROMETHEUS, *(s.name for s in SERVICES)}
+    every = {INGEST, *ALL_STAGE_NAMES, PROMETHEUS, *(s.name for s in SERVICES)}
     wanted = set(only) if only is not None else every
     if INGEST in wanted:
         _stop_stage(settings, INGEST, echo)
-    for name in STAGE_NAMES:
+    for name in ALL_STAGE_NAMES:  # whatever runs, whichever the topology
         if name in wanted:
             _stop_stage(settings, name, echo)
     if PROMETHEUS in wanted and monitor.local_prometheus(settings).stop():
@@ -148,7 +168,7 @@ def wait_for_stages(settings: Settings, *, timeout_s: float = 60.0) -> None:
     """Block until every stage's group is stable with all input partitions assigned."""
     admin = make_admin(settings)
     deadline = time.monotonic() + timeout_s
-    pending: list[StageName] = list(STAGE_NAMES)
+    pending: list[StageName] = list(topology_stages(settings))
     while pending:
         name = pending[0]
         if group_ready(admin, settings, name):
@@ -254,7 +274,8 @@ def _reap(pid: int) -> None:
 
 
 def status(settings: Settings) -> list[str]:
-    """One line per component: running or stopped."""
+    """One line per component: running or stopped (the topology's stages, and any other
+    stage that runs)."""
     lines = []
     for service in SERVICES:
         if not service.managed(settings):
@@ -262,8 +283,11 @@ def status(settings: Settings) -> list[str]:
         else:
             state = "running" if service.running(settings) else "stopped"
             lines.append(f"{service.name}: {state}")
-    for name in STAGE_NAMES:
+    wanted = topology_stages(settings)
+    for name in ALL_STAGE_NAMES:
         pid = _stage_pid(settings, name)
+        if name not in wanted and pid is None:
+            continue
         lines.append(f"stage {name}: " + (f"running (pid {pid})" if pid else "stopped"))
     pid = _stage_pid(settings, INGEST)
     lines.append(

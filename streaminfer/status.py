@@ -5,11 +5,12 @@ so the screen is tested from a made-up snapshot. A snapshot holds:
 
 * the local processes (the plain lines of :func:`streaminfer.stack.status`);
 * Kafka and Redis health (brokers and controller; Redis ping time and memory);
-* per stage: its group's state and members (client id, host, partitions owned), its lag
-  (end offsets of its input topics minus the group's committed offsets), and its rates,
-  from two samples ``interval_s`` apart: ``in/s`` = records the group committed per second,
-  ``out/s`` = growth of its output topic's end offsets per second (transaction markers
-  count there, so with exactly-once at a trickle it reads a little high);
+* per stage of the configured topology: its group's state and members (client id, host,
+  partitions owned), its lag (end offsets of its input topics minus the group's committed
+  offsets), and its rates, from two samples ``interval_s`` apart: ``in/s`` = records the
+  group committed per second, ``out/s`` = growth of its output topic's end offsets per
+  second (transaction markers count there, so with exactly-once at a trickle it reads a
+  little high);
 * dead letters of the last minute by stage and reason (Kafka's time index finds where the
   minute starts; at most :data:`DLQ_READ_LIMIT` records are read);
 * each model's routing and shares from the control topic ``inference.models``, when it
@@ -40,7 +41,7 @@ from kafkaio.dead_letters import read_dead_letter
 from kafkaio.offsets import end_offsets, offsets_at
 from streaminfer.kafka import make_admin, make_consumer
 from streaminfer.settings import Settings
-from streaminfer.wiring import STAGE_NAMES, StageName, input_topics
+from streaminfer.wiring import StageName, input_topics, topology_stages
 
 TIMEOUT_S: Final = 5.0
 DLQ_WINDOW_S: Final = 60.0
@@ -155,18 +156,25 @@ def _redis_health(settings: Settings) -> Health:
 
 
 def output_topic(settings: Settings, name: StageName) -> str:
+    """The topic whose growth is the stage's ``out/s`` (fused: its results)."""
     topics = settings.topics
-    return {"validate": topics.validated, "infer": topics.results, "persist": topics.stored}[name]
+    return {
+        "validate": topics.validated,
+        "infer": topics.results,
+        "persist": topics.stored,
+        "fused": topics.results,
+    }[name]
 
 
 def _stages(
     settings: Settings, admin: AdminClient, consumer: Consumer, interval_s: float
 ) -> list[StageStatus]:
-    groups = {name: settings.group_id(name) for name in STAGE_NAMES}
-    first = {name: _positions(settings, admin, consumer, name) for name in STAGE_NAMES}
+    names = topology_stages(settings)
+    groups = {name: settings.group_id(name) for name in names}
+    first = {name: _positions(settings, admin, consumer, name) for name in names}
     started = time.monotonic()
     time.sleep(interval_s)  # the second sample of the rates
-    second = {name: _positions(settings, admin, consumer, name) for name in STAGE_NAMES}
+    second = {name: _positions(settings, admin, consumer, name) for name in names}
     elapsed = time.monotonic() - started
     described = admin.describe_consumer_groups(list(groups.values()), request_timeout=TIMEOUT_S)
     stages = []

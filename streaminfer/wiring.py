@@ -1,4 +1,9 @@
-"""Builds a stage and its runner from :class:`Settings` (the only place that does)."""
+"""Builds a stage and its runner from :class:`Settings` (the only place that does).
+
+Two topologies (``STREAMINFER_STAGE_TOPOLOGY``, README "Topologies"): ``split`` runs validate,
+infer and persist as three consumer groups linked by Kafka topics; ``fused`` runs one group,
+``fused`` (:mod:`stages.fused`), that does all three on each batch.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from stages.committers import AtLeastOnceCommitter, Committer, TransactionalComm
 from stages.control import ControlPlane, follow_new_versions
 from stages.dlq import DOWNSTREAM_REASONS, PIPELINE_REASONS, DlqBudget
 from stages.fleet import ModelFleet
+from stages.fused import FusedStage
 from stages.infer import InferStage
 from stages.metrics import NullMetrics, PrometheusStageMetrics, StageMetrics
 from stages.models import ModelRegistry, SessionOptions
@@ -28,12 +34,22 @@ from stages.priority import DownstreamBacklog, PriorityGate
 from stages.runtime import Stage, StageRunner
 from stages.tracing import NO_TRACING, StageTracer
 from stages.validate import ValidateStage
-from streaminfer.kafka import make_consumer, make_producer, transactional_producer_config
+from streaminfer.kafka import make_consumer, stage_producer_config, transactional_producer_config
 from streaminfer.settings import Settings
 from streaminfer.tracing import stage_tracer
 
-StageName = Literal["validate", "infer", "persist"]
+StageName = Literal["validate", "infer", "persist", "fused"]
+# The split topology's stages, in pipeline order.
 STAGE_NAMES: Final[tuple[StageName, ...]] = ("validate", "infer", "persist")
+# The fused topology's one stage.
+FUSED_STAGES: Final[tuple[StageName, ...]] = ("fused",)
+# Every stage `streaminfer stage NAME` runs.
+ALL_STAGE_NAMES: Final[tuple[StageName, ...]] = (*STAGE_NAMES, *FUSED_STAGES)
+
+
+def topology_stages(settings: Settings) -> tuple[StageName, ...]:
+    """The stages the configured topology runs."""
+    return FUSED_STAGES if settings.stage.topology == "fused" else STAGE_NAMES
 
 
 def input_topics(settings: Settings, name: StageName) -> list[str]:
@@ -42,6 +58,7 @@ def input_topics(settings: Settings, name: StageName) -> list[str]:
         "validate": [topics.requests, topics.requests_backfill],
         "infer": [topics.validated],
         "persist": [topics.results],
+        "fused": [topics.requests, topics.requests_backfill],
     }[name]
 
 
@@ -80,8 +97,9 @@ def control_plane(settings: Settings) -> ControlPlane:
     )
 
 
-def model_fleet(settings: Settings) -> ModelFleet:
-    return ModelFleet(registry=model_registry(settings), control=control_plane(settings))
+def model_fleet(settings: Settings, control: ControlPlane | None = None) -> ModelFleet:
+    """The models served, following ``control`` (default: a control plane of its own)."""
+    return ModelFleet(registry=model_registry(settings), control=control or control_plane(settings))
 
 
 def build_stage(
@@ -93,28 +111,49 @@ def build_stage(
     control: ControlPlane | None = None,
 ) -> Stage:
     """Stage ``name``; validate checks explicit versions against ``control``, infer serves
-    ``fleet`` (both follow the control plane while their runner runs)."""
-    topics = settings.topics
+    ``fleet`` (both follow the control plane while their runner runs); fused does both."""
     if name == "validate":
-        catalog = model_catalog(settings)
-        if control is not None:
-            follow_new_versions(control, catalog)
-        return ValidateStage(
-            catalog=catalog,
-            output_topic=topics.validated,
-            loaded_versions=control.loaded_versions if control is not None else None,
-            processors=StageProcessors("validate", metrics=metrics),
-        )
+        return validate_stage(settings, metrics, control)
     if name == "infer":
-        return InferStage(
-            fleet=fleet or ModelFleet(registry=model_registry(settings)),
-            output_topic=topics.results,
-            shadow_topic=topics.shadow,
-            metrics=metrics,
-        )
+        return infer_stage(settings, metrics, fleet)
+    if name == "persist":
+        return persist_stage(settings, metrics)
+    return FusedStage(
+        validate=validate_stage(settings, metrics, control),
+        infer=infer_stage(settings, metrics, fleet),
+        persist=persist_stage(settings, metrics),
+        results_topic=settings.topics.results,
+        max_record_bytes=settings.kafka.message_max_bytes,
+    )
+
+
+def validate_stage(
+    settings: Settings, metrics: StageMetrics, control: ControlPlane | None
+) -> ValidateStage:
+    catalog = model_catalog(settings)
+    if control is not None:
+        follow_new_versions(control, catalog)
+    return ValidateStage(
+        catalog=catalog,
+        output_topic=settings.topics.validated,
+        loaded_versions=control.loaded_versions if control is not None else None,
+        processors=StageProcessors("validate", metrics=metrics),
+    )
+
+
+def infer_stage(settings: Settings, metrics: StageMetrics, fleet: ModelFleet | None) -> InferStage:
+    return InferStage(
+        fleet=fleet or ModelFleet(registry=model_registry(settings)),
+        output_topic=settings.topics.results,
+        shadow_topic=settings.topics.shadow,
+        metrics=metrics,
+    )
+
+
+def persist_stage(settings: Settings, metrics: StageMetrics) -> PersistStage:
     return PersistStage(
         store=result_store(settings),
-        output_topic=topics.stored,
+        output_topic=settings.topics.stored,
         default_tenant=settings.kafka.default_tenant,
         metrics=metrics,
     )
@@ -140,11 +179,14 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
         settings, group_id=settings.group_id(name), **static_member(settings, name, slot)
     )
     gate = priority_gate(settings, name)
+    watch = downstream_watch(settings, name)
     backlog = None
-    if gate is not None and settings.priority.max_downstream > 0:
-        backlog = downstream_backlog(settings, interval_s=settings.priority.poll_interval_s)
-    fleet = model_fleet(settings) if name == "infer" else None
-    control = control_plane(settings) if name == "validate" else None
+    if gate is not None and watch and settings.priority.max_downstream > 0:
+        interval_s = settings.priority.poll_interval_s
+        backlog = downstream_backlog(settings, interval_s=interval_s, watch=watch)
+    # fused: one control plane, read by validate's version check and infer's fleet alike.
+    control = control_plane(settings) if name in ("validate", "fused") else None
+    fleet = model_fleet(settings, control) if name in ("infer", "fused") else None
     models = fleet.running() if fleet else control.running() if control else None
     return StageRunner(
         stage=build_stage(settings, name, metrics, fleet=fleet, control=control),
@@ -161,8 +203,7 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
         max_record_bytes=settings.kafka.message_max_bytes,
         dlq_budget=DlqBudget(
             stage=name,
-            # validate finds every client error; after it, malformed input is a pipeline bug.
-            counted_reasons=PIPELINE_REASONS if name == "validate" else DOWNSTREAM_REASONS,
+            counted_reasons=counted_reasons(name),
             max_ratio=settings.stage.dlq_max_ratio,
             window=settings.stage.dlq_window_records,
             min_records=settings.stage.dlq_min_records,
@@ -188,6 +229,18 @@ def all_running(*contexts: AbstractContextManager[object] | None) -> Iterator[No
         yield
 
 
+def counted_reasons(name: StageName) -> frozenset[str]:
+    """The dead-letter reasons :class:`DlqBudget` counts as pipeline faults for ``name``:
+    validate finds every client error; after it, malformed input is a pipeline bug. fused
+    starts with validate, so its malformed records are the client's; its too-large ones
+    are model outputs over the limit (it produces no validated copy of a request)."""
+    if name == "validate":
+        return PIPELINE_REASONS
+    if name == "fused":
+        return PIPELINE_REASONS | {"too_large"}
+    return DOWNSTREAM_REASONS
+
+
 def static_member(settings: Settings, name: StageName, slot: int) -> dict[str, str]:
     """Static group membership (KIP-345): the worker slot's stable name, the one its
     transactional.id uses, as ``group.instance.id``. A restarted worker then takes its
@@ -201,8 +254,11 @@ def static_member(settings: Settings, name: StageName, slot: int) -> dict[str, s
 def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
     """validate serves live requests first: backfill waits while they have a backlog, and
     while infer and persist have ``priority_max_downstream`` records or more to do (that
-    reading is :func:`downstream_backlog`, given to the runner by :func:`build_runner`)."""
-    if name != "validate":
+    reading is :func:`downstream_backlog`, given to the runner by :func:`build_runner`).
+
+    fused has the same gate; it is never given a downstream reading
+    (:func:`downstream_watch`), so only the live rule applies."""
+    if name not in ("validate", "fused"):
         return None
     return PriorityGate(
         live_topics=[settings.topics.requests],
@@ -214,12 +270,25 @@ def priority_gate(settings: Settings, name: StageName) -> PriorityGate | None:
     )
 
 
-def downstream_backlog(settings: Settings, *, interval_s: float) -> DownstreamBacklog:
-    """Reads what infer and persist have still to do: their groups' lag on their inputs."""
-    watch = [
+def downstream_watch(settings: Settings, name: StageName) -> list[tuple[str, str]]:
+    """The (group, topic) pairs whose lag is what ``name``'s gate calls downstream: infer's
+    and persist's inputs for validate. None for fused: there is no queue between its steps,
+    a live request waits behind at most the batch in hand. (Its own group's lag is no
+    substitute: the backfill's lag is most of it, by design, and would hold it forever.)"""
+    if name != "validate":
+        return []
+    return [
         (settings.group_id("infer"), settings.topics.validated),
         (settings.group_id("persist"), settings.topics.results),
     ]
+
+
+def downstream_backlog(
+    settings: Settings, *, interval_s: float, watch: list[tuple[str, str]] | None = None
+) -> DownstreamBacklog:
+    """Reads what the stages after validate have still to do: the lag of ``watch``
+    (default: validate's :func:`downstream_watch`)."""
+    watch = watch if watch is not None else downstream_watch(settings, "validate")
     # Plain consumers that only read the groups' committed offsets and the topics' end
     # offsets: never subscribed, so they never join the groups.
     readers = {
@@ -239,7 +308,9 @@ def make_committer(
     tracer: StageTracer = NO_TRACING,
 ) -> Committer:
     """Transactions between Kafka stages in exactly-once mode. Persist is always
-    at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent."""
+    at-least-once: Redis cannot join a Kafka transaction, and its writes are idempotent.
+    fused is transactional like validate and infer: its results, stored notices, dead
+    letters and offsets commit together (its Redis writes come first; see stages.fused)."""
     if settings.stage.processing_guarantee == "exactly-once" and name != "persist":
         config = transactional_producer_config(
             settings, transactional_id=settings.transactional_id(name, slot)
@@ -250,12 +321,14 @@ def make_committer(
             max_records=settings.stage.txn_max_records,
             max_interval_s=settings.stage.txn_max_interval_s,
             timeout_s=settings.kafka.delivery_timeout_s,
+            commit_on_drain=settings.stage.txn_commit_on_drain,
             metrics=metrics,
             tracer=tracer,
         )
     return AtLeastOnceCommitter(
-        producer=make_producer(settings),
+        producer=Producer(stage_producer_config(settings)),
         consumer=consumer,
         delivery_timeout_s=settings.kafka.delivery_timeout_s,
+        commit_async=settings.stage.commit_async,
         tracer=tracer,
     )

@@ -9,7 +9,8 @@ removed at the end); ``local`` otherwise: the local broker and Redis of the ``op
 Per test: uuid-named topics (via the topic prefix) and groups, so tests never share state.
 
 The one way tests start the pipeline is :meth:`StageProcesses.start_pipeline` (real
-``streaminfer stage`` processes); :class:`Load` sends paced traffic from a thread.
+``streaminfer stage`` processes of the topology ``STREAMINFER_STAGE_TOPOLOGY`` names: validate,
+infer and persist, or fused); :class:`Load` sends paced traffic from a thread.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kafkaio.produce import RequestProducer
 from streaminfer.kafka import create_topics, make_admin, make_consumer, make_producer
 from streaminfer.settings import Settings
 from streaminfer.stack import KAFKA, REDIS, Service, group_ready
-from streaminfer.wiring import STAGE_NAMES, StageName
+from streaminfer.wiring import STAGE_NAMES, StageName, topology_stages
 from tests.helpers import REPO, digits_request, holdout
 
 
@@ -192,6 +193,7 @@ class StageProcesses:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.exit_codes: dict[str, list[int]] = {}
+        self.pipeline: tuple[StageName, ...] = STAGE_NAMES  # what start_pipeline started
 
     def start(
         self,
@@ -218,9 +220,17 @@ class StageProcesses:
             self.wait_joined(name, label=label)
 
     def start_pipeline(self) -> None:
-        """validate, infer and persist, one member each, every one joined to its group."""
-        for name in STAGE_NAMES:
+        """The stages of the topology the environment names (read now, as the stage
+        processes will: validate, infer and persist, or fused), one member each, every one
+        joined to its group."""
+        self.pipeline = topology_stages(Settings())
+        for name in self.pipeline:
             self.start(name)
+
+    def runs(self, step: StageName) -> StageName:
+        """The stage whose process runs ``step`` in the pipeline started: ``step`` itself
+        (split) or ``fused``; what a test kills to kill ``step``."""
+        return step if step in self.pipeline else "fused"
 
     def signal(self, label: str, signum: int) -> None:
         self.procs[label].send_signal(signum)

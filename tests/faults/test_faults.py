@@ -1,6 +1,8 @@
 """Crashes, stalls and outages under load: nothing lost, and in exactly-once mode nothing
 doubled on ``inference.results`` (as a read_committed reader sees it). Every test runs in
-both processing modes; at-least-once asserts no loss and allows duplicates."""
+both processing modes; at-least-once asserts no loss and allows duplicates. And in both
+topologies: split (validate, infer, persist) and fused (one process for all three), where a
+test that kills, stops or scales a step does it to the fused process."""
 
 from __future__ import annotations
 
@@ -34,6 +36,14 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     yield request.param
 
 
+@pytest.fixture(params=["split", "fused"])
+def topology(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Set before ``settings`` (which every test below asks for after ``mode``): the stage
+    processes and :meth:`StageProcesses.start_pipeline` read it from the environment."""
+    monkeypatch.setenv("STREAMINFER_STAGE_TOPOLOGY", request.param)
+    yield request.param
+
+
 def _check(result: Ledger, mode: str) -> None:
     assert result.lost == 0, f"{result.lost} of {result.sent} results lost"
     assert result.in_redis == result.sent, f"{result.sent - result.in_redis} missing in Redis"
@@ -42,13 +52,18 @@ def _check(result: Ledger, mode: str) -> None:
 
 
 def test_kill_9_any_stage_mid_stream(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     stages.start_pipeline()
     load = Load(settings, count=3000, rate=600).start()
     rng = random.Random(7)
-    for round_, name in enumerate(["infer", "validate", "persist", "infer"]):
+    for round_, step in enumerate(["infer", "validate", "persist", "infer"]):
         load.wait_sent((round_ + 1) / 5 + rng.uniform(-0.05, 0.05))
+        name = stages.runs(step)
         stages.kill(name)
         stages.start(name)  # same worker slot: fences the killed one's transaction
     load.join()
@@ -57,6 +72,7 @@ def test_kill_9_any_stage_mid_stream(
 
 def test_stopped_infer_worker_is_fenced_when_it_wakes(
     mode: str,
+    topology: str,
     settings: Settings,
     stages: StageProcesses,
     redis_client: redis.Redis,
@@ -67,25 +83,31 @@ def test_stopped_infer_worker_is_fenced_when_it_wakes(
         '{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 7000}',
     )
     stages.start_pipeline()
-    stages.start("infer", label="infer-b", worker_id="b")
+    infer = stages.runs("infer")
+    stages.start(infer, label=f"{infer}-b", worker_id="b")
     load = Load(settings, count=3000, rate=500).start()
     load.wait_sent(0.3)
-    stages.signal("infer", signal.SIGSTOP)
-    load.wait_sent(0.8)  # ~3 s; the group evicts it after 6 s and infer-b takes over
-    stages.wait_joined("infer", label="infer-b")
-    stages.signal("infer", signal.SIGCONT)
+    stages.signal(infer, signal.SIGSTOP)
+    load.wait_sent(0.8)  # ~3 s; the group evicts it after 6 s and the -b member takes over
+    stages.wait_joined(infer, label=f"{infer}-b")
+    stages.signal(infer, signal.SIGCONT)
     load.join()
     _check(ledger(settings, redis_client, load.ids), mode)
 
 
 def test_sigterm_drains_and_restart_reprocesses_nothing(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     stages.start_pipeline()
     load = Load(settings, count=2000, rate=800).start()
     load.wait_sent(0.5)
-    assert stages.terminate("infer") == 0
-    stages.start("infer")
+    infer = stages.runs("infer")
+    assert stages.terminate(infer) == 0
+    stages.start(infer)
     load.join()
     result = ledger(settings, redis_client, load.ids)
     _check(result, mode)
@@ -93,23 +115,32 @@ def test_sigterm_drains_and_restart_reprocesses_nothing(
 
 
 def test_scale_infer_1_3_1_under_load(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     stages.start_pipeline()
     load = Load(settings, count=3000, rate=600).start()
     load.wait_sent(0.25)
-    stages.start("infer", label="infer-b", worker_id="b", wait=False)
-    stages.start("infer", label="infer-c", worker_id="c", wait=False)
-    stages.wait_members("infer", 3)
+    infer = stages.runs("infer")
+    stages.start(infer, label=f"{infer}-b", worker_id="b", wait=False)
+    stages.start(infer, label=f"{infer}-c", worker_id="c", wait=False)
+    stages.wait_members(infer, 3)
     load.wait_sent(0.6)
-    assert stages.terminate("infer-b") == 0
-    assert stages.terminate("infer-c") == 0
+    assert stages.terminate(f"{infer}-b") == 0
+    assert stages.terminate(f"{infer}-c") == 0
     load.join()
     _check(ledger(settings, redis_client, load.ids), mode)
 
 
 def test_redis_down_for_10s_pauses_persist_then_resumes(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     if not REDIS.managed(settings):
         pytest.skip("REDIS_URL points at a Redis this test must not stop")
@@ -125,7 +156,11 @@ def test_redis_down_for_10s_pauses_persist_then_resumes(
 
 @pytest.mark.timeout(480)
 def test_broker_restart_under_load(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     if not KAFKA.managed(settings):
         pytest.skip("KAFKA_BOOTSTRAP_SERVERS points at a broker this test must not stop")
@@ -145,7 +180,7 @@ def test_broker_restart_under_load(
         # Be the supervisor compose or k8s would be: after the broker restart, librdkafka can
         # block in send_offsets_to_transaction (librdkafka #5456/#5511); the committer's
         # watchdog then exits the stage with 75, and a restarted worker fences it and resumes.
-        for name in ("validate", "infer", "persist"):
+        for name in stages.pipeline:
             if stages.procs[name].poll() == EXIT_STUCK:
                 restarted.append(name)
                 stages.start(name, wait=False)
@@ -156,7 +191,11 @@ def test_broker_restart_under_load(
 
 
 def test_poison_records_go_to_the_dlq_with_their_offsets(
-    mode: str, settings: Settings, stages: StageProcesses, redis_client: redis.Redis
+    mode: str,
+    topology: str,
+    settings: Settings,
+    stages: StageProcesses,
+    redis_client: redis.Redis,
 ) -> None:
     stages.start_pipeline()
     features, _ = holdout()
