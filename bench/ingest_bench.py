@@ -7,14 +7,22 @@ Three runs against ``POST /v1/requests`` (every 202 means Kafka acknowledged the
 
 1. single-request bodies, as fast as possible: requests/s and latency p50/p99;
 2. 100-request bodies, as fast as possible: requests/s (bodies/s x 100);
-3. single-request bodies at a fixed 1,000/s (open loop: latency counts from the moment a
+3. single-request bodies at a fixed 2,000/s (open loop: latency counts from the moment a
    request was due, so a stalled server cannot hide its queueing): p50/p99.
 
+Each run also reports the CPU the server spent per request (user + system time of the
+processes listening on the URL's port and their children, librdkafka's threads included,
+over the run): on a shared machine, rates move with the neighbours' load, CPU per request
+much less. The load average is printed before and after.
+
 The closed-loop runs use ``wrk`` when installed (``apt-get install wrk``; C, so the load
-generator costs little CPU) and otherwise the asyncio client below. Targets (issue 3):
->= 5,000 single POSTs/s, >= 50,000 requests/s batched, p99 <= 20 ms at 1,000/s. The load
+generator costs little CPU) and otherwise the asyncio client below. Targets (issue 14):
+>= 5,000 single POSTs/s, >= 50,000 requests/s batched, p99 <= 20 ms at 2,000/s. The load
 generator shares the machine with the server, the stages, Kafka and Redis: on a small box
 the numbers say as much about that sharing as about the API.
+
+``--ingest-only``: do not wait for the stages to drain between runs (an ingest served alone,
+e.g. under its own ``STREAMINFER_KAFKA_TOPIC_PREFIX`` with no stages behind it).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,11 +38,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -60,6 +71,14 @@ class Run:
     latencies_ms: list[float] = field(default_factory=list)
     p50_ms: float | None = None
     p99_ms: float | None = None
+    server_cpu_s: float | None = None  # the server's CPU time over the run
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        requests = self.bodies * self.requests_per_body
+        if self.server_cpu_s is None or not requests:
+            return None
+        return self.server_cpu_s * 1e6 / requests
 
     @property
     def requests_per_s(self) -> float:
@@ -215,17 +234,64 @@ def _wrk_ms(out: str, percentile: str) -> float | None:
     return float(found.group(1)) * scale
 
 
+# --- the server's CPU --------------------------------------------------------------------
+
+
+def server_processes(port: int) -> list[psutil.Process]:
+    """The processes listening on ``port`` and their children (uvicorn's workers)."""
+    found: dict[int, psutil.Process] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        listening = conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port
+        if listening and conn.pid is not None:
+            process = psutil.Process(conn.pid)
+            for member in [process, *process.children(recursive=True)]:
+                found[member.pid] = member
+    return list(found.values())
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def measured(url: str, run: Callable[[], Run]) -> Run:
+    """``run()``, with the server's CPU time over it when its processes can be seen."""
+    port = urlsplit(url).port or 80
+    try:
+        processes = server_processes(port)
+    except psutil.AccessDenied:  # other users' sockets: no CPU figure, the rest stands
+        processes = []
+    before = cpu_seconds(processes)
+    result = run()
+    if processes:
+        result.server_cpu_s = cpu_seconds(processes) - before
+    return result
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
 def closed(args: argparse.Namespace, body: bytes, per_body: int, name: str) -> Run:
-    if shutil.which("wrk") and not args.python_client:
-        run = wrk(args.url, body, connections=args.connections, seconds=args.duration)
-    else:
+    def go() -> Run:
+        if shutil.which("wrk") and not args.python_client:
+            return wrk(args.url, body, connections=args.connections, seconds=args.duration)
         run = asyncio.run(
             closed_loop(args.url, body, connections=args.connections, seconds=args.duration)
         )
         run.percentiles()
+        return run
+
+    run = measured(args.url, go)
     run.name, run.requests_per_body = name, per_body
     return run
 
@@ -252,8 +318,15 @@ def report(runs: list[Run], rate: float) -> list[str]:
             (paced.p99_ms or 1e9) <= 20,
         ),
     ]
-    lines = [f"{'metric':<22} {'measured':>12} {'target':>10}  met"]
-    lines += [f"{m:<22} {v:>12} {t:>10}  {'yes' if ok else 'NO'}" for m, v, t, ok in rows]
+    rows += [
+        (f"server CPU µs/req, {label}", f"{run.cpu_us_per_request:,.0f}", "", True)
+        for label, run in zip(("single", "batched", "paced"), runs, strict=True)
+        if run.cpu_us_per_request is not None
+    ]
+    lines = [f"{'metric':<28} {'measured':>12} {'target':>10}  met"]
+    lines += [
+        f"{m:<28} {v:>12} {t:>10}  {('yes' if ok else 'NO') if t else ''}" for m, v, t, ok in rows
+    ]
     lines.append("")
     for run in runs:
         p50 = f"{run.p50_ms:.1f}" if run.p50_ms is not None else "-"
@@ -309,28 +382,41 @@ def main() -> int:
     parser.add_argument("--url", default=f"http://127.0.0.1:{settings.ingest.port}")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--rate", type=float, default=1000.0, help="paced run, requests/s")
+    parser.add_argument("--rate", type=float, default=2000.0, help="paced run, requests/s")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--python-client", action="store_true", help="do not use wrk")
+    parser.add_argument(
+        "--ingest-only", action="store_true", help="no stages behind: do not wait for them"
+    )
     args = parser.parse_args()
     if not ready(args.url):
         print(f"{args.url}/readyz is not ready: run `streaminfer up --wait` first", file=sys.stderr)
         return 2
+    print(f"load average before: {load_average()}")
     runs = [closed(args, request_body(1), 1, "single, max rate")]
-    print(f"pipeline drained in {wait_drained(settings):.0f}s", file=sys.stderr)
+    drain(settings, args)
     runs.append(
         closed(args, request_body(args.batch), args.batch, f"batch of {args.batch}, max rate")
     )
     # The paced run measures the API at a steady rate, not behind the backlog of the last run.
-    print(f"pipeline drained in {wait_drained(settings):.0f}s", file=sys.stderr)
-    paced = asyncio.run(
-        open_loop(args.url, request_body(1), rate=args.rate, seconds=args.duration, pool=64)
+    drain(settings, args)
+    paced = measured(
+        args.url,
+        lambda: asyncio.run(
+            open_loop(args.url, request_body(1), rate=args.rate, seconds=args.duration, pool=64)
+        ),
     )
     paced.name = f"single at {args.rate:,.0f}/s"
     paced.percentiles()
     runs.append(paced)
     print("\n".join(report(runs, args.rate)))
+    print(f"load average after: {load_average()}")
     return 0
+
+
+def drain(settings: Settings, args: argparse.Namespace) -> None:
+    if not args.ingest_only:
+        print(f"pipeline drained in {wait_drained(settings):.0f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":

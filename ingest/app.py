@@ -28,13 +28,13 @@ from typing import Annotated, Any, cast
 
 from fastapi import FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import Receive, Scope, Send
 
-from ingest.errors import ApiError, install_handlers, json_response
+from ingest.errors import ApiError, ErrorAnswers, install_handlers, json_response
+from ingest.hot import HotRoutes, dead_lettered, predict_timeout_error, result_answer, too_large
 from ingest.metrics import IngestMetrics, PrometheusIngestMetrics
 from ingest.middleware import ApiKeyGuard, RequestMetrics, tenant_of
 from ingest.openapi import build_openapi, error_responses, request_body
-from ingest.payloads import MSGPACK_TYPES
-from ingest.rendering import result_json
 from ingest.service import IngestService
 from ingest.waiters import DeadLettered, Stored
 
@@ -63,9 +63,19 @@ class HttpConfig:
 
 
 class IngestApi(FastAPI):
-    """FastAPI with the msgspec-derived OpenAPI document (see :mod:`ingest.openapi`)."""
+    """FastAPI with the msgspec-derived OpenAPI document (see :mod:`ingest.openapi`), and
+    the hot routes answered as plain ASGI before FastAPI's stack (see :mod:`ingest.hot`)."""
 
     api_keys_enabled = False
+    hot: HotRoutes | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.hot.match(scope) if self.hot is not None else None
+        if route is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await self.hot.serve(route, scope, receive, send)  # type: ignore[union-attr]
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -93,21 +103,35 @@ def create_app(
     app.state.metrics = metrics
     app.state.registry = registry
     app.api_keys_enabled = bool(config.api_keys)
-    open_paths = PROBES + (DOCS if config.public_docs else ())
-    app.add_middleware(
-        ApiKeyGuard,
-        keys=config.api_keys,
-        default_tenant=config.default_tenant,
-        open_paths=open_paths,
-    )
+    guard: dict[str, Any] = {
+        "keys": config.api_keys,
+        "default_tenant": config.default_tenant,
+        "open_paths": PROBES + (DOCS if config.public_docs else ()),
+    }
+    app.add_middleware(ApiKeyGuard, **guard)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
-    install_handlers(
-        app,
+    answers = ErrorAnswers(
         busy_retry_s=config.busy_retry_after_s,
         unavailable_retry_s=config.unavailable_retry_after_s,
     )
+    install_handlers(app, answers)
     _add_routes(app, config)
+    app.hot = HotRoutes(
+        guard=ApiKeyGuard(_unused, **guard),
+        metrics=metrics,
+        answers=answers,
+        max_body_bytes=config.max_body_bytes,
+        predict_timeout_s=config.predict_timeout_s,
+        predict_max_timeout_s=config.predict_max_timeout_s,
+    )
+    for route in app.routes:  # the metrics count hot requests under FastAPI's templates
+        if getattr(route, "path", None) in ("/v1/requests", "/v1/predict"):
+            app.hot.labels[route.path] = route  # type: ignore[attr-defined]
     return app
+
+
+async def _unused(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("the hot routes call ApiKeyGuard.admit, never the guard as an app")
 
 
 def _lifespan(service_factory: ServiceFactory, companions: Sequence[Companion]) -> Any:
@@ -116,6 +140,8 @@ def _lifespan(service_factory: ServiceFactory, companions: Sequence[Companion]) 
         service = service_factory(app.state.metrics)
         await service.start()
         app.state.service = service
+        if isinstance(app, IngestApi) and app.hot is not None:
+            app.hot.service = service
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for companion in companions:
@@ -131,8 +157,10 @@ def _service(request: Request) -> IngestService:
     return cast(IngestService, request.app.state.service)
 
 
-def _queue_depth(app: FastAPI) -> int:
-    service = getattr(app.state, "service", None)
+def _queue_depth(app: IngestApi) -> int:
+    service = app.hot.service if app.hot is not None else None
+    if service is None:  # an app served without its lifespan (tests set the state)
+        service = getattr(app.state, "service", None)
     return service.producer.queue_depth() if service is not None else 0
 
 
@@ -140,29 +168,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "body_too_large", f"the body exceeds {limit} bytes")
-
-
-def _wants_msgpack(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return any(t in accept for t in MSGPACK_TYPES)
-
-
 def result_response(request: Request, value: bytes, status: int = 200) -> Response:
-    if _wants_msgpack(request):
-        return Response(value, status_code=status, media_type="application/msgpack")
-    return json_response(status, result_json(value))
+    _status, body, media, _headers = result_answer(request.headers.get("accept"), value)
+    return Response(body, status_code=status, media_type=media.decode())
 
 
 def _add_routes(app: FastAPI, config: HttpConfig) -> None:
@@ -211,13 +229,8 @@ def _add_routes(app: FastAPI, config: HttpConfig) -> None:
         if isinstance(outcome, Stored):
             return result_response(request, outcome.value)
         if isinstance(outcome, DeadLettered):
-            raise _dead_lettered(request_id, outcome)
-        raise ApiError(
-            504,
-            "timeout",
-            f"no result within {timeout}s; it stays fetchable at /v1/results/{request_id}",
-            id=request_id,
-        )
+            raise dead_lettered(request_id, outcome)
+        raise predict_timeout_error(request_id, timeout)
 
     @app.get(
         "/v1/results/{request_id:path}",  # :path: ids may contain slashes
@@ -233,18 +246,6 @@ def _add_routes(app: FastAPI, config: HttpConfig) -> None:
         return result_response(request, value)
 
     _add_operational_routes(app)
-
-
-def _dead_lettered(request_id: str, outcome: DeadLettered) -> ApiError:
-    return ApiError(
-        422,
-        "dead_lettered",
-        f"the {outcome.stage} stage dead-lettered the request: {outcome.message}",
-        id=request_id,
-        reason=outcome.reason,
-        stage=outcome.stage,
-        errors=[{"path": "$", "reason": outcome.reason, "message": outcome.message}],
-    )
 
 
 def _add_operational_routes(app: FastAPI) -> None:

@@ -8,7 +8,7 @@ large for the pipeline) adds ``errors``, a list of ``{path, reason, message}`` (
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -59,28 +59,44 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.status, body, error.headers)
 
 
-def install_handlers(app: FastAPI, *, busy_retry_s: int, unavailable_retry_s: int) -> None:
-    """Map the domain exceptions raised below the routes to their HTTP answers."""
-    handlers: dict[type[Exception], Any] = {
-        ApiError: lambda e: e,
-        InvalidBody: lambda e: _field_errors(422, "invalid_request", e),
-        RequestTooLarge: lambda e: _field_errors(413, "request_too_large", e),
-        BatchTooLarge: lambda e: ApiError(413, "batch_too_large", str(e)),
-        UnsupportedMediaType: lambda e: ApiError(415, "unsupported_media_type", str(e)),
-        QueueFull: lambda e: ApiError(
-            429, "overloaded", f"{e}; retry later", headers={"Retry-After": str(busy_retry_s)}
-        ),
-        Overloaded: lambda e: _not_acknowledged(429, "overloaded", e, busy_retry_s),
-        KafkaUnavailable: lambda e: _not_acknowledged(
-            503, "kafka_unavailable", e, unavailable_retry_s
-        ),
-        ResultsUnavailable: lambda e: _unavailable(
-            "redis_unavailable", str(e), unavailable_retry_s
-        ),
-        RedisError: lambda e: _unavailable("redis_unavailable", repr(e), unavailable_retry_s),
-        RequestValidationError: _from_validation_error,
-    }
-    for exc_type, to_error in handlers.items():
+class ErrorAnswers:
+    """The HTTP answer (an :class:`ApiError`) to each domain exception raised below the
+    routes; one table for the FastAPI handlers and the plain ASGI routes (:mod:`ingest.hot`)."""
+
+    def __init__(self, *, busy_retry_s: int, unavailable_retry_s: int) -> None:
+        self.by_type: dict[type[Exception], Callable[[Any], ApiError]] = {
+            ApiError: lambda e: e,
+            InvalidBody: lambda e: _field_errors(422, "invalid_request", e),
+            RequestTooLarge: lambda e: _field_errors(413, "request_too_large", e),
+            BatchTooLarge: lambda e: ApiError(413, "batch_too_large", str(e)),
+            UnsupportedMediaType: lambda e: ApiError(415, "unsupported_media_type", str(e)),
+            QueueFull: lambda e: ApiError(
+                429, "overloaded", f"{e}; retry later", headers={"Retry-After": str(busy_retry_s)}
+            ),
+            Overloaded: lambda e: _not_acknowledged(429, "overloaded", e, busy_retry_s),
+            KafkaUnavailable: lambda e: _not_acknowledged(
+                503, "kafka_unavailable", e, unavailable_retry_s
+            ),
+            ResultsUnavailable: lambda e: _unavailable(
+                "redis_unavailable", str(e), unavailable_retry_s
+            ),
+            RedisError: lambda e: _unavailable("redis_unavailable", repr(e), unavailable_retry_s),
+            RequestValidationError: _from_validation_error,
+        }
+
+    def answer(self, exc: Exception) -> ApiError | None:
+        """The answer to ``exc`` (its nearest class in the table, as Starlette looks handlers
+        up), or None when it is no domain exception (a bug: 500)."""
+        for cls in type(exc).__mro__:
+            to_error = self.by_type.get(cls)
+            if to_error is not None:
+                return to_error(exc)
+        return None
+
+
+def install_handlers(app: FastAPI, answers: ErrorAnswers) -> None:
+    """Map the domain exceptions raised below the FastAPI routes to their HTTP answers."""
+    for exc_type, to_error in answers.by_type.items():
         app.add_exception_handler(exc_type, _handler(to_error))
 
 

@@ -56,10 +56,22 @@ class PrometheusIngestMetrics:
         self._ack = histogram(PRODUCE_ACK_SECONDS, registry, LATENCY_BUCKETS)
         self._queue = gauge(PRODUCER_QUEUE, registry, multiprocess_mode="livesum")
         self._predict = counter(PREDICT_OUTCOMES, registry)
+        # (route, method, status) -> the request counter's inc and the latency's observe
+        self._series: dict[
+            tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]
+        ] = {}
 
     def http_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(route, method).observe(seconds)
+        series = self._series.get((route, method, status))
+        if series is None:  # labels() takes a lock and validates: once per label set
+            series = (
+                self._requests.labels(route, method, str(status)).inc,
+                self._latency.labels(route, method).observe,
+            )
+            self._series[(route, method, status)] = series
+        count, observe = series
+        count()
+        observe(seconds)
         self._queue.set(self._queue_depth())
 
     def in_flight(self, delta: int) -> None:

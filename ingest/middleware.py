@@ -17,7 +17,12 @@ _TENANT = "streaminfer.tenant"  # the ASGI scope entry holding the request's ten
 
 def tenant_of(request: Request) -> str:
     """The tenant :class:`ApiKeyGuard` authenticated this request as."""
-    tenant = request.scope.get(_TENANT)
+    return scope_tenant(request.scope)
+
+
+def scope_tenant(scope: Scope) -> str:
+    """:func:`tenant_of` for an ASGI scope."""
+    tenant = scope.get(_TENANT)
     if not isinstance(tenant, str):
         raise RuntimeError("ApiKeyGuard must wrap the routes that need a tenant")
     return tenant
@@ -46,27 +51,38 @@ class ApiKeyGuard:
         self._open = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope["path"] in self._open:
-            if not self._keys:  # open paths with keys on need no tenant: they serve none
+        if scope["type"] != "http":
+            if not self._keys:
                 scope[_TENANT] = self._default_tenant
             await self._app(scope, receive, send)
             return
+        error = self.admit(scope)
+        if error is None:
+            await self._app(scope, receive, send)
+        else:
+            await error_response(error)(scope, receive, send)
+
+    def admit(self, scope: Scope) -> ApiError | None:
+        """None when the HTTP request in ``scope`` may pass (its tenant then set for
+        :func:`tenant_of`); else the 401 or 403 to answer."""
+        if not self._keys:  # open paths with keys on need no tenant: they serve none
+            scope[_TENANT] = self._default_tenant
+            return None
+        if scope["path"] in self._open:
+            return None
         presented = presented_key(scope["headers"])
-        tenant = self._tenant(presented) if presented is not None else None
         if presented is None:
-            error = ApiError(
+            return ApiError(
                 401,
                 "unauthenticated",
                 "an API key is required (X-API-Key or Authorization: Bearer)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        elif tenant is None:
-            error = ApiError(403, "forbidden", "the API key is not valid")
-        else:
-            scope[_TENANT] = tenant
-            await self._app(scope, receive, send)
-            return
-        await error_response(error)(scope, receive, send)
+        tenant = self._tenant(presented)
+        if tenant is None:
+            return ApiError(403, "forbidden", "the API key is not valid")
+        scope[_TENANT] = tenant
+        return None
 
     def _tenant(self, presented: bytes) -> str | None:
         found = None
@@ -113,14 +129,16 @@ class RequestMetrics:
         try:
             await self._app(scope, receive, send_status)
         finally:
-            self._metrics.in_flight(-1)
-            # The router stores the matched route in the scope; its template keeps the label
-            # set small (/v1/results/{request_id:path}, not one label per id).
-            route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self._metrics.http_request(
-                route=route,
-                method=method,
-                status=status,
-                seconds=time.perf_counter() - started,
-            )
+            request_done(self._metrics, scope, status, started)
+
+
+def request_done(metrics: IngestMetrics, scope: Scope, status: int, started: float) -> None:
+    """Count and time a finished HTTP request (``started``: its ``perf_counter()``)."""
+    metrics.in_flight(-1)
+    # The router stores the matched route in the scope; its template keeps the label
+    # set small (/v1/results/{request_id:path}, not one label per id).
+    route = getattr(scope.get("route"), "path", "unmatched")
+    method = scope["method"] if scope["method"] in _METHODS else "other"
+    metrics.http_request(
+        route=route, method=method, status=status, seconds=time.perf_counter() - started
+    )

@@ -7,6 +7,8 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+WORKER_HEALTHCHECK_S = 60
+
 
 def serve(
     factory: str,
@@ -37,5 +39,10 @@ def serve(
         proxy_headers=False,
         loop=loop,
         log_config=LOGGING_CONFIG if log_config is None else log_config,
+        # With workers, the parent kills a worker that does not answer its ping in time. A
+        # spawned worker answers only once it has imported the CLI module (numpy, librdkafka,
+        # FastAPI...): uvicorn's 5 s default killed every worker of a loaded 2-core machine
+        # in a loop, before it ever served.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from ingest.delivery import AsyncProducer, Delivery, QueueFull
+from ingest.delivery import NO_REPORT, AsyncProducer, Delivery, QueueFull
 from ingest.payloads import Submission
 from schemas import Codec, RequestV1
 from tests.helpers import digits_request, holdout
@@ -95,3 +95,26 @@ def test_a_batch_that_does_not_fit_the_queue_is_refused_whole(closed_port: int) 
     asyncio.run(send(3))
     assert kafka.produced == 3
     producer.close(0)
+
+
+def test_a_batch_whose_reports_do_not_come_in_time_fails_whole(closed_port: int) -> None:
+    kafka = Producer(
+        {
+            "bootstrap.servers": f"127.0.0.1:{closed_port}",
+            "delivery.timeout.ms": 30_000,  # librdkafka would report only after this
+            "log_level": 0,
+        }
+    )
+    producer = AsyncProducer(producer=kafka, topic="t", queue_limit=100, report_timeout_s=0.3)
+
+    async def send() -> tuple[float, Delivery]:
+        started = time.monotonic()
+        delivery = await asyncio.wait_for(producer.send(submissions(2)), 10)
+        return time.monotonic() - started, delivery
+
+    try:
+        seconds, delivery = asyncio.run(send())
+    finally:
+        producer.close(0)
+    assert delivery == Delivery(failed={"r0": NO_REPORT, "r1": NO_REPORT})
+    assert 0.3 <= seconds < 5

@@ -297,3 +297,116 @@ def test_docs_can_be_public_while_the_api_needs_a_key() -> None:
     assert get(app, "/openapi.json").status_code == 200
     assert get(app, "/v1/results/x").status_code == 401
     assert get(app, "/metrics").status_code == 401
+
+
+# -- the hot routes (ingest/hot.py) answer exactly as FastAPI's own stack -----------------
+
+
+class FastApiOnly:
+    """The same app with its hot path bypassed: FastAPI's stack answers every route."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(self.app, scope, receive, send)
+
+
+def both_answers(
+    service: FakeService, method: str, path: str, **kwargs: Any
+) -> list[tuple[int, list[tuple[str, str]], bytes]]:
+    """(status, headers, body) from the hot path and from FastAPI's stack, one app each."""
+    answers = []
+    for bypass in (False, True):
+        app = create_app(http_config(), service_factory=lambda _m: service)  # type: ignore[arg-type,return-value]
+
+        async def call(app: FastAPI = app, bypass: bool = bypass) -> httpx.Response:
+            async with app.router.lifespan_context(app):
+                asgi = FastApiOnly(app) if bypass else app
+                transport = httpx.ASGITransport(app=asgi, raise_app_exceptions=False)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                    return await http.request(method, path, **kwargs)
+
+        response = asyncio.run(call())
+        answers.append(
+            (response.status_code, list(response.headers.multi_items()), response.content)
+        )
+    return answers
+
+
+KA = {"X-API-Key": "ka"}
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status"),
+    [
+        ("/v1/requests", {"json": body("h1"), "headers": KA}, 202),
+        ("/v1/requests", {"json": [body("h1"), body("h2", key="k")], "headers": KA}, 202),
+        ("/v1/requests", {"json": [body("h1"), {"inputs": 3}], "headers": KA}, 422),
+        ("/v1/requests", {"content": b"{", "headers": KA}, 422),
+        ("/v1/requests", {"json": [body("x")] * 11, "headers": KA}, 413),
+        ("/v1/requests", {"content": b"x" * (1 << 21), "headers": KA}, 413),
+        ("/v1/requests", {"content": b"{}", "headers": {**KA, "content-type": "text/csv"}}, 415),
+        ("/v1/requests", {"json": body("h1")}, 401),
+        ("/v1/requests", {"json": body("h1"), "headers": {"Authorization": "Bearer no"}}, 403),
+        ("/v1/predict", {"json": body("p1"), "headers": KA}, 200),
+        ("/v1/predict?timeout=1.5", {"json": body("p1"), "headers": KA}, 200),
+        (
+            "/v1/predict",
+            {"json": body("p1"), "headers": {**KA, "accept": "application/msgpack"}},
+            200,
+        ),
+        ("/v1/predict", {"json": [body("p1")], "headers": KA}, 422),
+        ("/v1/predict?timeout=abc", {"json": body("p1"), "headers": KA}, 422),
+        ("/v1/predict?timeout=0", {"json": body("p1"), "headers": KA}, 422),
+        ("/v1/predict?timeout=31", {"json": body("p1"), "headers": KA}, 422),
+        ("/v1/predict", {"json": body("p1")}, 401),
+    ],
+)
+def test_hot_routes_answer_as_fastapi_does(
+    service: FakeService, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    service.stored[("acme", "p1")] = Codec(ResultV1).encode(result("p1"))
+    hot, fastapi_only = both_answers(service, "POST", path, **kwargs)
+    assert hot[0] == status, hot[2]
+    assert hot == fastapi_only
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Overloaded("2 record(s) did not fit", Delivery(["a"], {"b": "q"})),
+        KafkaUnavailable("Kafka did not acknowledge", Delivery([], {"a": "x", "b": "x"})),
+        RuntimeError("a bug"),  # 500, plain text, as Starlette's ServerErrorMiddleware
+    ],
+)
+def test_hot_route_failures_answer_as_fastapi_does(
+    service: FakeService, failure: Exception
+) -> None:
+    service.failure = failure
+    hot, fastapi_only = both_answers(
+        service, "POST", "/v1/requests", json=[body("a"), body("b")], headers=KA
+    )
+    assert hot[0] in (429, 503, 500)
+    assert hot == fastapi_only
+
+
+def test_hot_requests_are_counted_under_their_route(service: FakeService) -> None:
+    app = create_app(http_config(api_keys={}), service_factory=lambda _m: service)  # type: ignore[arg-type,return-value]
+
+    async def calls() -> str:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                await http.post("/v1/requests", json=body("m1"))
+                await http.post("/v1/requests", content=b"[")
+                return (await http.get("/metrics")).text
+
+    metrics = asyncio.run(calls())
+    for status in ("202", "422"):
+        line = (
+            'streaminfer_http_requests_total{method="POST",route="/v1/requests",'
+            f'status="{status}"}} 1.0'
+        )
+        assert line in metrics
+    assert "streaminfer_http_requests_in_flight 1.0" in metrics  # the /metrics request itself
