@@ -14,6 +14,10 @@ from bench.driver import Measurement
 from bench.pipelines import Usage
 
 STAGE_NAMES = ("validate", "infer", "persist")
+# Processes sampled besides a pipeline's own (bench/e2e.py): the broker, Redis and the load
+# generator (this process). Every other sampled name is one of the pipeline's processes
+# (validate/infer/persist in the split topology, e.g. ``fused`` (+ persist) in the fused one).
+SERVICE_NAMES = ("kafka", "redis", "driver")
 TIMELINE_BIN_S = 0.25
 
 
@@ -52,13 +56,41 @@ def summarise(
                 "cpu_s": round(u.cpu_s, 3),
                 "cpu_pct": round(100 * u.cpu_s / seconds, 1),
                 "rss_max_mb": round(u.rss_max_mb, 1),
-                "records_per_s": stored / seconds if name in STAGE_NAMES else None,
-                "records_per_cpu_s": stored / u.cpu_s if name in STAGE_NAMES and u.cpu_s else None,
+                "records_per_s": stored / seconds if _is_stage(name) else None,
+                "records_per_cpu_s": stored / u.cpu_s if _is_stage(name) and u.cpu_s else None,
             }
             for name, u in usage.items()
         },
+        "cpu_us_per_result": cpu_us_per_result({n: u.cpu_s for n, u in usage.items()}, stored),
         "load_avg_1m_after": load[0],
     }
+
+
+def cpu_us_per_result(cpu_s: dict[str, float], stored: int) -> dict[str, float]:
+    """CPU µs per stored result of each process over one scenario, and their ``total``;
+    empty when nothing was stored.
+
+    Every process is sampled over the same window (the scenario, stragglers included) and the
+    pipelines run one at a time, so the broker's and Redis's share is this pipeline's, plus
+    whatever else uses them meanwhile (other clients of a shared broker)."""
+    if stored <= 0:
+        return {}
+    out = {name: round(seconds * 1e6 / stored, 1) for name, seconds in cpu_s.items()}
+    out["total"] = round(sum(seconds * 1e6 / stored for seconds in cpu_s.values()), 1)
+    return out
+
+
+def _is_stage(name: str) -> bool:
+    return name not in SERVICE_NAMES
+
+
+def _cpu_budget(scenario: dict[str, Any]) -> dict[str, float]:
+    """A scenario's ``cpu_us_per_result``, recomputed for reports written before it existed."""
+    if "cpu_us_per_result" in scenario:
+        budget: dict[str, float] = scenario["cpu_us_per_result"]
+        return budget
+    cpu_s = {name: p["cpu_s"] for name, p in scenario["processes"].items()}
+    return cpu_us_per_result(cpu_s, scenario["stored"])
 
 
 def _cdf(lat: np.ndarray, points: int = 200) -> list[float]:
@@ -151,25 +183,31 @@ def write_outputs(report: dict[str, Any], out_dir: Path, run_id: str) -> None:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The human summary: one row per pipeline and scenario, then the ratios."""
+    """The human summary: one row per pipeline and scenario, the CPU budget per result, then
+    the ratios."""
+    heading, width = _stage_heading(report), _label_width(report)
     head = (
-        f"{'pipeline':<26}{'scenario':<14}{'sent':>8}{'lost':>6}{'results/s':>11}"
-        f"{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}  cpu% val/inf/per  rss MB val/inf/per"
+        f"{'pipeline':<{width}}{'scenario':<14}{'sent':>8}{'lost':>6}{'results/s':>11}"
+        f"{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}  {'cpu% ' + heading:<22}rss MB {heading}"
     )
     lines = [head, "-" * len(head)]
     for run in report["runs"]:
         label = _label(run)
         if run.get("error"):
-            lines.append(f"{label:<26}FAILED: {run['error'].splitlines()[0][:90]}")
+            lines.append(f"{label:<{width}}FAILED: {run['error'].splitlines()[0][:90]}")
         for s in run["scenarios"]:
             lat, procs = s["latency_ms"], s["processes"]
-            cpu = "/".join(f"{procs[n]['cpu_pct']:.0f}" for n in STAGE_NAMES)
-            rss = "/".join(f"{procs[n]['rss_max_mb']:.0f}" for n in STAGE_NAMES)
+            stages = _stage_names(s)
+            cpu = "/".join(f"{procs[n]['cpu_pct']:.0f}" for n in stages)
+            rss = "/".join(f"{procs[n]['rss_max_mb']:.0f}" for n in stages)
+            if _abbrev(stages) != heading:  # e.g. a fused variant next to split pipelines
+                cpu, rss = f"{_abbrev(stages)} {cpu}", f"{_abbrev(stages)} {rss}"
             lines.append(
-                f"{label:<26}{s['scenario']:<14}{s['sent']:>8}{s['lost']:>6}"
+                f"{label:<{width}}{s['scenario']:<14}{s['sent']:>8}{s['lost']:>6}"
                 f"{s['results_per_s']:>11,.0f}{lat['p50']:>8.1f}{lat['p95']:>8.1f}"
-                f"{lat['p99']:>8.1f}{lat['max']:>8.1f}  {cpu:<17}{rss}"
+                f"{lat['p99']:>8.1f}{lat['max']:>8.1f}  {cpu:<22}{rss}"
             )
+    lines += cpu_table(report)
     lines += _profile_lines(report)
     machine = report["machine"]
     lines.append(
@@ -181,6 +219,66 @@ def table(report: dict[str, Any]) -> str:
             f"ratio {name}: throughput {r['throughput']}, p99 at 2,000/s {r['p99_at_2000']}"
         )
     return "\n".join(lines)
+
+
+# Column headings of the CPU budget for the non-stage processes.
+_HEADINGS = {"kafka": "broker", "redis": "redis", "driver": "loadgen", "total": "total"}
+
+
+def cpu_table(report: dict[str, Any]) -> list[str]:
+    """CPU µs per stored result: one row per pipeline and scenario, one column per process
+    (the union over the report: a pipeline without a process shows ``-``), then the total."""
+    scenarios = [(run, s) for run in report["runs"] for s in run["scenarios"]]
+    if not scenarios:
+        return []
+    names = process_columns([_cpu_budget(s) for _, s in scenarios])
+    widths = [max(10, len(_HEADINGS.get(n, n)) + 2) for n in names]
+    label_width = _label_width(report)
+    head = f"{'pipeline':<{label_width}}{'scenario':<14}" + "".join(
+        f"{_HEADINGS.get(n, n):>{w}}" for n, w in zip(names, widths, strict=True)
+    )
+    lines = [
+        "\nCPU µs per stored result (each process's CPU seconds over the scenario / results "
+        "stored; broker and Redis: the whole server over the scenario's window)",
+        head,
+        "-" * len(head),
+    ]
+    for run, s in scenarios:
+        budget = _cpu_budget(s)
+        cells = "".join(
+            f"{budget[n]:>{w},.1f}" if n in budget else f"{'-':>{w}}"
+            for n, w in zip(names, widths, strict=True)
+        )
+        lines.append(f"{_label(run):<{label_width}}{s['scenario']:<14}{cells}")
+    return lines
+
+
+def process_columns(budgets: list[dict[str, float]]) -> list[str]:
+    """Every process named in ``budgets``: the pipelines' own in order of first appearance,
+    then the broker, Redis and the load generator, then ``total``."""
+    seen: dict[str, None] = {}
+    for budget in budgets:
+        seen.update(dict.fromkeys(budget))
+    stages = [n for n in seen if _is_stage(n) and n != "total"]
+    return [*stages, *(n for n in SERVICE_NAMES if n in seen), "total"]
+
+
+def _label_width(report: dict[str, Any]) -> int:
+    return max([26, *(len(_label(run)) + 2 for run in report["runs"])])
+
+
+def _stage_names(scenario: dict[str, Any]) -> list[str]:
+    return [n for n in scenario["processes"] if _is_stage(n)]
+
+
+def _abbrev(names: list[str]) -> str:
+    return "/".join(n[:3] for n in names)
+
+
+def _stage_heading(report: dict[str, Any]) -> str:
+    """``val/inf/per`` (the first scenario's processes; rows that differ name their own)."""
+    first = next((s for run in report["runs"] for s in run["scenarios"]), None)
+    return _abbrev(_stage_names(first) if first else list(STAGE_NAMES))
 
 
 def _profile_lines(report: dict[str, Any], top: int = 6) -> list[str]:
@@ -208,7 +306,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     styles = ["-", "--", ":", "-."]
-    fig, (cdf_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (cdf_ax, time_ax, cpu_ax) = plt.subplots(
+        1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.1, 1, 0.9]}
+    )
     for n, run in enumerate(report["runs"]):
         colour = f"C{n % 10}"
         for k, s in enumerate(run["scenarios"]):
@@ -227,9 +327,40 @@ def plot(report: dict[str, Any], path: Path) -> None:
     time_ax.set_title("closed loop: results/s over time")
     time_ax.grid(True, alpha=0.3)
     time_ax.legend(fontsize=7)
+    plot_cpu_budget(cpu_ax, report)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def plot_cpu_budget(ax: Any, report: dict[str, Any]) -> None:
+    """One stacked bar per pipeline: CPU µs per stored result in its closed loop, one segment
+    per process (the same colour for a process name in every bar), the total on top."""
+    bars = [
+        (_label(run), _cpu_budget(s))
+        for run in report["runs"]
+        for s in run["scenarios"]
+        if s["kind"] == "closed" and _cpu_budget(s)
+    ]
+    ax.set_title("closed loop: CPU µs per stored result")
+    if not bars:
+        return
+    names = [n for n in process_columns([b for _, b in bars]) if n != "total"]
+    x = np.arange(len(bars))
+    bottom = np.zeros(len(bars))
+    for k, name in enumerate(names):
+        heights = np.array([budget.get(name, 0.0) for _, budget in bars])
+        label = _HEADINGS.get(name, name)
+        ax.bar(x, heights, bottom=bottom, color=f"C{k % 10}", label=label, width=0.6)
+        bottom += heights
+    for i, (_, budget) in enumerate(bars):
+        ax.annotate(
+            f"{budget['total']:,.0f}", (x[i], bottom[i]), ha="center", va="bottom", fontsize=7
+        )
+    ax.set_xticks(x, [label for label, _ in bars], rotation=20, ha="right", fontsize=6)
+    ax.set(ylabel="CPU µs per stored result")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
 
 
 def _rebin(rates: list[float], factor: int) -> list[float]:

@@ -41,4 +41,9 @@ def test_quick_bench_gets_every_result_back_and_reports_it(services: None, tmp_p
         for stage in ("validate", "infer", "persist"):
             usage = scenario["processes"][stage]
             assert usage["cpu_s"] > 0 and usage["rss_max_mb"] > 0, stage
+        budget = scenario["cpu_us_per_result"]  # µs of CPU per stored result, per process
+        assert set(scenario["processes"]) | {"total"} == set(budget)
+        assert budget["total"] == pytest.approx(sum(budget.values()) - budget["total"], abs=1)
+        assert budget["total"] > 0
     assert "results/s" in done.stdout and "p99" in done.stdout
+    assert "CPU µs per stored result" in done.stdout
