@@ -7,11 +7,13 @@ every assigned partition, for as long as :class:`Backoff` says) and the live-fir
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Literal
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 PauseReason = Literal["backoff", "priority"]
 
@@ -60,11 +62,19 @@ class Pauses:
         return set().union(*self._held.values())
 
     def forget(self, partitions: Iterable[Partition]) -> None:
-        """No longer assigned: librdkafka forgets their pause too (a partition assigned
-        again starts fetching), so no reason holds them any more."""
+        """No longer assigned: no reason holds them any more, and they are resumed in the
+        consumer too. librdkafka keeps a partition's pause flag across a lost/assigned
+        cycle (cooperative-sticky): a partition paused for a back-off, lost while paused
+        and assigned back stayed paused for good (found by the broker-restart fault test)."""
         gone = set(partitions)
+        was_paused = self.paused() & gone
         for held in self._held.values():
             held -= gone
+        if was_paused:
+            try:
+                self._consumer.resume(topic_partitions(was_paused))
+            except KafkaException as exc:  # not ours any more: nothing left to resume
+                log.debug("resume of unassigned partitions failed: %s", exc)
 
 
 def topic_partitions(partitions: Iterable[Partition]) -> list[TopicPartition]:

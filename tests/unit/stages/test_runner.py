@@ -495,6 +495,17 @@ def test_a_forgotten_partition_is_paused_again_when_reassigned() -> None:
     assert consumer.paused == {(BULK, 0)}
 
 
+def test_a_partition_lost_while_paused_is_resumed_in_the_consumer() -> None:
+    # librdkafka keeps the pause flag of a partition lost while paused (cooperative-sticky):
+    # assigned back, it never fetched again (the broker-restart fault test, at-least-once).
+    consumer = Consumer({})
+    pauses = Pauses(consumer)  # type: ignore[arg-type]
+    pauses.hold("backoff", {(IN, 0), (IN, 1)})
+    pauses.forget({(IN, 0)})
+    assert consumer.paused == {(IN, 1)}
+    assert pauses.paused() == {(IN, 1)}
+
+
 def _gate() -> PriorityGate:
     return PriorityGate(live_topics=[IN], bulk_topics=[BULK], max_live_lag=1, max_downstream=0)
 
