@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 META_TIMEOUT_S: Final = 10.0
 
@@ -63,6 +63,45 @@ def offsets_at(
     return {tp.partition: marks[tp.partition][1] if tp.offset < 0 else tp.offset for tp in found}
 
 
+def latest_offsets(
+    consumer: Consumer,
+    topic: str,
+    numbers: Sequence[int],
+    *,
+    timeout_s: float = META_TIMEOUT_S,
+) -> dict[int, int]:
+    """Per partition in ``numbers``, the end offset, in one ListOffsets request for all of
+    them (``get_watermark_offsets`` sends one per partition). It follows the consumer's
+    ``isolation.level``: read_committed answers the last stable offset, before any open
+    transaction."""
+    wanted = [TopicPartition(topic, p, OFFSET_END) for p in numbers]
+    found = consumer.offsets_for_times(wanted, timeout=timeout_s) if wanted else []
+    return {tp.partition: tp.offset for tp in found}
+
+
+def committed_starts(
+    consumer: Consumer,
+    topic: str,
+    numbers: Sequence[int],
+    *,
+    timeout_s: float = META_TIMEOUT_S,
+) -> dict[int, int]:
+    """Per partition in ``numbers``, where the consumer's group goes on from: its committed
+    offset, or for a partition never committed its earliest retained record
+    (``auto.offset.reset=earliest``). Reading committed offsets does not join the group."""
+    parts = [TopicPartition(topic, p) for p in numbers]
+    committed = consumer.committed(parts, timeout=timeout_s) if parts else []
+    starts = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+    never = [TopicPartition(topic, tp.partition, OFFSET_BEGINNING) for tp in committed]
+    never = [tp for tp in never if tp.partition not in starts]
+    if never:
+        starts.update(
+            (tp.partition, max(tp.offset, 0))
+            for tp in consumer.offsets_for_times(never, timeout=timeout_s)
+        )
+    return starts
+
+
 def group_backlog(
     consumer: Consumer,
     topic: str,
@@ -70,15 +109,14 @@ def group_backlog(
     numbers: Sequence[int] | None = None,
     timeout_s: float = META_TIMEOUT_S,
 ) -> dict[int, int]:
-    """Per partition, offsets the consumer's group has still to commit: end offset minus the
-    committed offset. A partition never committed starts at its earliest retained record
-    (``auto.offset.reset=earliest``), so all of it counts. Reading committed offsets does not
-    join the group. ``numbers``: the partitions to read (default: all, one metadata request)."""
+    """Per partition, offsets the consumer's group has still to commit: end offset minus
+    :func:`committed_starts` (a partition never committed counts from its start), two
+    requests, end offsets first (what the group commits in between is not counted: see
+    ``stages.priority.DownstreamBacklog.read`` for why the order matters to a caller adding
+    up consecutive hops). ``numbers``: the partitions to read (default: all, one metadata
+    request)."""
     if numbers is None:
         numbers = partitions(consumer, topic, timeout_s=timeout_s)
-    parts = [TopicPartition(topic, p) for p in numbers]
-    backlog: dict[int, int] = {}
-    for tp in consumer.committed(parts, timeout=timeout_s) if parts else []:
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-        backlog[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
-    return backlog
+    ends = latest_offsets(consumer, topic, numbers, timeout_s=timeout_s)
+    starts = committed_starts(consumer, topic, numbers, timeout_s=timeout_s)
+    return {p: max(0, ends[p] - starts.get(p, ends[p])) for p in numbers if p in ends}

@@ -9,9 +9,11 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from kafkaio.offsets import (
+    committed_starts,
     end_offsets,
     end_offsets_total,
     group_backlog,
+    latest_offsets,
     offsets_at,
     partitions,
     watermarks,
@@ -43,8 +45,16 @@ class TableConsumer:
     def offsets_for_times(
         self, parts: list[TopicPartition], timeout: float
     ) -> list[TopicPartition]:
+        # Kafka's ListOffsets: -1 asks the end offset, -2 the earliest, others the time index.
+        special = {-1: 1, -2: 0}
         return [
-            TopicPartition(tp.topic, tp.partition, self.by_time.get(tp.partition, -1))
+            TopicPartition(
+                tp.topic,
+                tp.partition,
+                self.marks[tp.partition][special[tp.offset]]
+                if tp.offset in special
+                else self.by_time.get(tp.partition, -1),
+            )
             for tp in parts
         ]
 
@@ -76,3 +86,10 @@ def test_group_backlog_counts_a_never_committed_partition_from_its_start() -> No
         TableConsumer(marks={0: (0, 10), 1: (4, 10), 2: (0, 5)}, committed_at={0: 7, 2: 5})
     )
     assert group_backlog(table, "t") == {0: 3, 1: 6, 2: 0}
+
+
+def test_latest_offsets_and_committed_starts_ask_for_the_given_partitions_only() -> None:
+    table = consumer(TableConsumer(marks={0: (2, 10), 1: (4, 12)}, committed_at={0: 7}))
+    assert latest_offsets(table, "t", [1]) == {1: 12}
+    assert committed_starts(table, "t", [0, 1]) == {0: 7, 1: 4}
+    assert latest_offsets(table, "t", []) == {} and committed_starts(table, "t", []) == {}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
-from stages.priority import LiveLag, LiveLagReader, PriorityGate, Reading
+from stages.priority import DownstreamBacklog, LiveLag, LiveLagReader, PriorityGate, Reading
 
 LIVE, BULK = "live", "bulk"
 ASSIGNED = {(LIVE, 0), (BULK, 0)}
@@ -222,3 +222,54 @@ def test_a_revoked_partition_is_asked_again_when_assigned_again() -> None:
     consumer.committed_offsets[(LIVE, 0)] = 20  # another member rewound it, say
     assert live.read([(LIVE, 0)]).lag == 30
     assert consumer.committed_calls == 2
+
+
+class _Hop:
+    """One watched (group, topic) with one partition: its end offset and the group's
+    committed offset; ``before_end`` runs before the end offset is answered (a record
+    moving meanwhile)."""
+
+    def __init__(self, topic: str, end: int, committed: int) -> None:
+        self.topic, self.end, self.at = topic, end, committed
+        self.before_end: list[Any] = []
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        found = SimpleNamespace(partitions={0: None}, error=None)
+        return SimpleNamespace(topics={topic: found})
+
+    def offsets_for_times(self, parts: list[TopicPartition], timeout: float) -> Any:
+        while self.before_end:
+            self.before_end.pop(0)()
+        return [TopicPartition(tp.topic, tp.partition, self.end) for tp in parts]
+
+    def committed(self, parts: list[TopicPartition], timeout: float) -> Any:
+        return [TopicPartition(tp.topic, tp.partition, self.at) for tp in parts]
+
+    def close(self) -> None:
+        pass
+
+
+def _backlog(infer: _Hop, persist: _Hop) -> DownstreamBacklog:
+    return DownstreamBacklog(
+        consumers={"infer": infer, "persist": persist},  # type: ignore[dict-item]
+        watch=[("infer", infer.topic), ("persist", persist.topic)],
+        interval_s=0.1,
+    )
+
+
+def test_a_reading_is_the_sum_of_the_hops_lags() -> None:
+    assert _backlog(_Hop("validated", 1000, 600), _Hop("results", 600, 500)).read() == 500
+
+
+def test_a_record_crossing_a_hop_during_a_reading_is_not_counted_twice() -> None:
+    infer, persist = _Hop("validated", 1000, 600), _Hop("results", 600, 500)
+
+    def infer_commits_200() -> None:  # after infer's lag was read, before results' end
+        infer.at += 200
+        persist.end += 200
+
+    persist.before_end.append(infer_commits_200)
+    # Taken once: 400 + 300 = 700, the 200 counted in both hops. Taken again: 200 + 300.
+    assert _backlog(infer, persist).read() == 500
