@@ -82,3 +82,11 @@ class ConsumerFailed(Exception):
     errors, e.g. a static member fenced by its own rejoin after a coordinator moved). The
     worker exits with ``EXIT_STUCK`` (75) so that its supervisor starts a fresh one, which
     rejoins with the same ``group.instance.id`` and takes the partitions back."""
+
+
+class ConsumerStuck(ConsumerFailed):
+    """The consumer lost its partitions and, for longer than the stage's rejoin timeout,
+    was assigned nothing again: librdkafka can stay stuck rejoining after a broker restart
+    (a JoinGroup left in its coordinator queue, re-timed-out every minute). The worker exits
+    at once with ``EXIT_STUCK``, without closing the consumer (close would wait on the same
+    coordinator), and a fresh one rejoins."""

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -73,11 +74,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from stages.committers import Committer
+from stages.committers import EXIT_STUCK, Committer
 from stages.consumed import first_offsets, next_offsets, read_messages
 from stages.dlq import DlqBudget, dlq_output
 from stages.errors import (
     ConsumerFailed,
+    ConsumerStuck,
     DeliveryFailed,
     OutputTooLarge,
     SinkUnavailable,
@@ -191,6 +193,7 @@ class StageRunner:
         clock: Callable[[], float] = time.monotonic,
         tracer: StageTracer = NO_TRACING,
         heap: HeapPolicy | None = DEFAULT_HEAP_POLICY,
+        rejoin_timeout_s: float = 120.0,
     ) -> None:
         self._stage = stage
         self._consumer = consumer
@@ -214,6 +217,8 @@ class StageRunner:
         self._gauges = AssignmentGauges(consumer, self._metrics)
         self._retry_at: float | None = None
         self._rewind_due = False
+        self._rejoin_timeout_s = rejoin_timeout_s
+        self._lost_at: float | None = None  # partitions lost, none assigned since
         self.assigned: set[Partition] = set()
 
     @property
@@ -234,6 +239,11 @@ class StageRunner:
             with self._running, settled_heap(self._heap, self._batch_size):
                 while not stop.is_set():
                     self.run_once()
+        except ConsumerStuck as exc:
+            # Not through the finally below: closing the consumer waits on the coordinator
+            # it is stuck with. What was not committed is replayed by the next owner.
+            log.critical("%s; exiting with %d so that a fresh worker takes over", exc, EXIT_STUCK)
+            os._exit(EXIT_STUCK)
         finally:
             self._committer.close()
             self._consumer.close()
@@ -241,6 +251,7 @@ class StageRunner:
 
     def run_once(self) -> int:
         """Consume, process and publish one batch; returns the number of records consumed."""
+        self._check_rejoined()
         self._resume_if_due()
         consume_started_ns = time.time_ns()
         consumed = self._consume()
@@ -423,7 +434,18 @@ class StageRunner:
         log.warning("%s: consumer error: %s", self._stage.name, err)
         return False
 
+    def _check_rejoined(self) -> None:
+        """Raise :class:`ConsumerStuck` if partitions were lost longer than the rejoin
+        timeout ago and no assignment came since (an empty one counts: librdkafka calls the
+        assign callback after every rebalance, so an idle extra member is not stuck)."""
+        if self._lost_at is not None and self._clock() - self._lost_at > self._rejoin_timeout_s:
+            raise ConsumerStuck(
+                f"{self._stage.name}: lost its partitions {self._rejoin_timeout_s:.0f}s ago and "
+                "has been assigned nothing since (stuck rejoining the group)"
+            )
+
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._lost_at = None
         self.assigned.update(_keys(partitions))
         log.info("%s: assigned %s", self._stage.name, _fmt(partitions))
 
@@ -436,6 +458,8 @@ class StageRunner:
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Another member owns these now: discard what we did not commit."""
         self._committer.abort()
+        if self._lost_at is None:
+            self._lost_at = self._clock()
         self._rewind_later("partitions lost")
         self._unassign(partitions)
         log.warning("%s: lost %s", self._stage.name, _fmt(partitions))

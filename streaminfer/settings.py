@@ -213,6 +213,13 @@ class StageSettings(BaseSettings):
         ge=1,
         description="...and at most this (retry.backoff.max.ms)",
     )
+    rejoin_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a worker that lost its partitions and has been assigned nothing for "
+        "this long exits with 75 for a restart (librdkafka can stay stuck rejoining after a "
+        "broker restart)",
+    )
     commit_async: bool = Field(
         default=True,
         description="at-least-once: commit a batch's offsets without waiting for the answer, "

@@ -216,6 +216,7 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
             backlog.running(lambda: gate.admitted) if backlog and gate else None, models
         ),
         tracer=tracer,
+        rejoin_timeout_s=settings.stage.rejoin_timeout_s,
     )
 
 

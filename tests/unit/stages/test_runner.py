@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaError, TopicP
 
 from stages.errors import (
     ConsumerFailed,
+    ConsumerStuck,
     DeliveryFailed,
     OutputTooLarge,
     SinkUnavailable,
@@ -504,6 +505,30 @@ def test_a_partition_lost_while_paused_is_resumed_in_the_consumer() -> None:
     pauses.forget({(IN, 0)})
     assert consumer.paused == {(IN, 1)}
     assert pauses.paused() == {(IN, 1)}
+
+
+def test_a_worker_assigned_nothing_long_after_losing_its_partitions_exits_for_a_restart() -> None:
+    # librdkafka can stay stuck rejoining after a broker restart: the worker lives on and
+    # consumes nothing (the broker-restart fault test, at-least-once, a clean-clone CI run).
+    s = setup({(IN, 0): messages(IN, 0, [b"a"])}, rejoin_timeout_s=60.0)
+    s.consumer.revoke([(IN, 0)], lost=True)
+    s.clock.now += 59.0
+    s.run()  # rejoining for a while is normal
+    s.clock.now += 2.0
+    with pytest.raises(ConsumerStuck, match="assigned nothing"):
+        s.run()
+
+
+def test_any_assignment_after_a_loss_counts_as_rejoined_even_an_empty_one() -> None:
+    s = setup({(IN, 0): messages(IN, 0, [b"a"])}, rejoin_timeout_s=60.0)
+    s.consumer.revoke([(IN, 0)], lost=True)
+    s.clock.now += 30.0
+    s.consumer.assign([])  # an idle extra member: the rebalance completed, nothing for it
+    s.clock.now += 300.0
+    s.run()
+    s.consumer.assign([(IN, 0)])
+    s.run()
+    assert s.values() == [b"a"]
 
 
 def _gate() -> PriorityGate:
