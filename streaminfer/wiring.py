@@ -176,7 +176,10 @@ def build_runner(settings: Settings, name: StageName, *, slot: int = 0) -> Stage
     metrics = stage_metrics(settings, name, slot)
     tracer = stage_tracer(settings.tracing, name, worker=settings.transactional_id(name, slot))
     consumer = make_consumer(
-        settings, group_id=settings.group_id(name), **static_member(settings, name, slot)
+        settings,
+        group_id=settings.group_id(name),
+        **static_member(settings, name, slot),
+        **{"partition.assignment.strategy": assignment_strategy(settings, name)},
     )
     gate = priority_gate(settings, name)
     watch = downstream_watch(settings, name)
@@ -240,6 +243,25 @@ def counted_reasons(name: StageName) -> frozenset[str]:
     if name == "fused":
         return PIPELINE_REASONS | {"too_large"}
     return DOWNSTREAM_REASONS
+
+
+def assignment_strategy(settings: Settings, name: StageName) -> str:
+    """``range`` for the stages that read two topics (validate and fused: live requests and
+    backfill), ``cooperative-sticky`` for the others.
+
+    The sticky assignor balances the number of partitions per member, not per topic: with
+    two members, measured on the broker, one got all four partitions of
+    ``inference.requests`` and the other all four of the backfill topic, so a second
+    validate (or fused) process served no live request and live traffic did not scale
+    (bench: the second fused process at 0-1 % CPU). ``range`` splits each topic across the
+    members. Its price is the eager protocol: a rebalance revokes every partition of the
+    group for a moment (the runner commits on revoke, so nothing is replayed). A group
+    cannot mix the two protocols: upgrading a running validate or fused group past this
+    change means stopping all its members first (README: Operations)."""
+    chosen = settings.kafka.consumer_extra.get("partition.assignment.strategy")
+    if chosen is not None:  # the operator's choice stands
+        return str(chosen)
+    return "range" if len(input_topics(settings, name)) > 1 else "cooperative-sticky"
 
 
 def static_member(settings: Settings, name: StageName, slot: int) -> dict[str, str]:

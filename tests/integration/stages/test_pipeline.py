@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from kafkaio.produce import RequestProducer
 from schemas import Codec, ResultV1, StoredV1, tensor_from_array, tensor_to_array
 from schemas.keys import ResultKeys
-from streaminfer.kafka import make_producer
+from streaminfer.kafka import make_admin, make_producer
 from streaminfer.settings import Settings
 from tests.fixtures import StageProcesses, read_topic, send_digits
 from tests.helpers import MODELS, REQUESTS, digits_request, encode_raw, holdout
@@ -131,3 +131,25 @@ def test_two_infer_workers_share_the_partitions_and_produce_each_result_once(
 
     results = read_topic(settings, settings.topics.results, count=len(ids))
     assert Counter(RESULTS.decode(m.value()).id for m in results) == Counter(ids)
+
+
+def test_two_validate_workers_each_own_part_of_the_live_topic(
+    settings: Settings, stages: StageProcesses
+) -> None:
+    # validate reads two topics; the sticky assignor gave one member all of the live topic
+    # and the other all of the backfill topic, so a second worker served no live request.
+    stages.start("validate", workers=2)
+    stages.wait_members("validate", 2)
+    admin = make_admin(settings)
+    group = settings.group_id("validate")
+    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    live = [
+        {
+            tp.partition
+            for tp in m.assignment.topic_partitions
+            if tp.topic == settings.topics.requests
+        }
+        for m in description.members
+    ]
+    assert all(live), f"a validate member owns no live partition: {live}"
+    assert set().union(*live) == set(range(settings.kafka.topic_partitions))

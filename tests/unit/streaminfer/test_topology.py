@@ -15,6 +15,7 @@ from streaminfer.cli import build_parser
 from streaminfer.settings import Settings
 from streaminfer.wiring import (
     STAGE_NAMES,
+    assignment_strategy,
     counted_reasons,
     downstream_watch,
     input_topics,
@@ -89,3 +90,15 @@ def test_up_refuses_to_start_one_topology_while_the_other_runs(tmp_path: Path) -
     assert any(line.startswith("stage fused: stopped") for line in lines)
     assert any(line.startswith("stage infer: running") for line in lines), "strays are listed"
     assert not any(line.startswith("stage validate") for line in lines)
+
+
+def test_stages_reading_two_topics_split_each_topic_across_their_members() -> None:
+    settings = settings_of("split")
+    assert assignment_strategy(settings, "validate") == "range"
+    assert assignment_strategy(settings, "fused") == "range"
+    assert assignment_strategy(settings, "infer") == "cooperative-sticky"
+    assert assignment_strategy(settings, "persist") == "cooperative-sticky"
+    chosen = settings.with_changes(
+        kafka={"consumer_extra": {"partition.assignment.strategy": "roundrobin"}}
+    )
+    assert assignment_strategy(chosen, "validate") == "roundrobin"
