@@ -202,7 +202,8 @@ WORKER_EXITS = _m(
     "streaminfer_worker_exits",
     "counter",
     "stage slot code",
-    "Worker processes that exited while the stage ran (code 75: transactional watchdog)",
+    "Worker processes that exited while the stage ran "
+    "(code 75: transactional watchdog, or stuck rejoining)",
     "supervisor",
 )
 
