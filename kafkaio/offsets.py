@@ -92,8 +92,9 @@ def committed_starts(
     parts = [TopicPartition(topic, p) for p in numbers]
     committed = consumer.committed(parts, timeout=timeout_s) if parts else []
     starts = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
-    never = [TopicPartition(topic, tp.partition, OFFSET_BEGINNING) for tp in committed]
-    never = [tp for tp in never if tp.partition not in starts]
+    never = [
+        TopicPartition(topic, tp.partition, OFFSET_BEGINNING) for tp in committed if tp.offset < 0
+    ]
     if never:
         starts.update(
             (tp.partition, max(tp.offset, 0))

@@ -47,6 +47,9 @@ from stages.tracing import NO_TRACING, StageTracer
 log = logging.getLogger(__name__)
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 EXIT_STUCK: Final = 75  # EX_TEMPFAIL: restart me
+# A commit (flush, send_offsets, commit_transaction retried up to twice its timeout) gets this
+# many transactional timeouts before the watchdog ends the process.
+WATCHDOG_TIMEOUTS: Final = 4
 
 
 @contextmanager
@@ -206,13 +209,12 @@ class AtLeastOnceCommitter:
             # answer (the next batch does not wait a round trip). A lost answer costs at
             # most a replay, as a failed synchronous commit does; commit() makes sure.
             self._uncertain.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
-            self._commit_offsets(list(offsets), asynchronous=True)
-        else:
-            self._commit_offsets(list(offsets), asynchronous=False)
+        self._commit_offsets(list(offsets), asynchronous=self._commit_async)
 
     def _commit_offsets(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
         try:
             with self._tracer.step("commit"):
+                # Two calls: the client's overloads take the literal, not a bool.
                 if asynchronous:
                     self._consumer.commit(offsets=offsets, asynchronous=True)
                 else:
@@ -310,8 +312,7 @@ class TransactionalCommitter:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         started = time.monotonic()
         try:
-            # flush, send_offsets and commit_transaction (retried up to twice its timeout)
-            with self._tracer.step("commit"), _watchdog(4 * self._timeout_s):
+            with self._tracer.step("commit"), _watchdog(WATCHDOG_TIMEOUTS * self._timeout_s):
                 if offsets:
                     # Outputs acknowledged first: their partitions are then in the transaction,
                     # so AddOffsetsToTxn cannot race an AddPartitionsToTxn still in flight (the

@@ -150,17 +150,18 @@ class DownstreamBacklog:
         the hops before it are read again: unchanged, nothing moved across a hop boundary
         during the reading and it stands; changed, it is taken again (a few times at most;
         the last try stands, erring high, which only holds the backfill a little longer)."""
+        hops = self._hops()
         backlog = 0
         for _attempt in range(_READ_ATTEMPTS):
             backlog, starts = 0, []
-            for consumer, topic, parts in self._hops():
+            for consumer, topic, parts in hops:
                 end = latest_offsets(consumer, topic, parts, timeout_s=self._timeout_s)
                 start = committed_starts(consumer, topic, parts, timeout_s=self._timeout_s)
                 backlog += sum(max(0, end[p] - start.get(p, end[p])) for p in parts if p in end)
                 starts.append(start)
             again = [
                 committed_starts(consumer, topic, parts, timeout_s=self._timeout_s)
-                for consumer, topic, parts in self._hops()[:-1]
+                for consumer, topic, parts in hops[:-1]
             ]
             if again == starts[:-1]:
                 break

@@ -26,6 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from stages.committers import WATCHDOG_TIMEOUTS
 from streaminfer.cli import build_parser
 from streaminfer.config_doc import variables
 from streaminfer.settings import GROUPS, Settings
@@ -431,8 +432,8 @@ def test_the_grace_period_outlasts_a_drain(
     objects: tuple[Obj, ...], settings: Settings, stage: str
 ) -> None:
     # A drain waits at most the delivery timeout per Kafka call; a transactional call that
-    # blocks anyway is ended by the watchdog (stages/committers.py) after 3x it.
-    watchdog_s = 3 * settings.kafka.delivery_timeout_s
+    # blocks anyway is ended by the watchdog (stages/committers.py) after a few times it.
+    watchdog_s = WATCHDOG_TIMEOUTS * settings.kafka.delivery_timeout_s
     grace = _stage(objects, stage)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > watchdog_s
 
